@@ -1,0 +1,1 @@
+"""Device programs: the validator core, the reader driver and the device applications."""
