@@ -14,15 +14,35 @@ from firmware.core.errors import CoreError
 
 
 class AfcGroup(click.Group):
-    """Turns the core's own errors into the one-line message and non-zero exit the contract
-    promises, instead of a traceback a field technician cannot act on."""
+    """Every failure ends as the contract promises: one line on stderr, non-zero exit.
 
-    def invoke(self, ctx: click.Context):
+    Click's own usage errors normally print a usage block; the core's errors would be a
+    traceback. Neither helps a field technician reading a log line, so both are folded into
+    ``afc: error: <what to do>``.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
         try:
-            return super().invoke(ctx)
+            rv = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.Abort:
+            click.echo("afc: error: aborted", err=True)
+            sys.exit(1)
+        except click.UsageError as exc:
+            hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+            click.echo(f"afc: error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            click.echo(f"afc: error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
         except CoreError as exc:
             click.echo(f"afc: error: {exc}", err=True)
             sys.exit(1)
+        except OSError as exc:
+            click.echo(f"afc: error: {exc}", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 @click.group(cls=AfcGroup, context_settings={"help_option_names": ["-h", "--help"]})

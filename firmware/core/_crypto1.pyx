@@ -64,6 +64,8 @@ cdef class Crypto1:
     def __init__(self, key):
         cdef uint64_t k
         cdef int p, src
+        if not isinstance(key, int):
+            raise TypeError(f"a key is an int, not {type(key).__name__}")
         if not 0 <= key <= 0xFFFFFFFFFFFF:
             raise ValueError(f"a MIFARE Classic key has 48 bits, got 0x{key:x}")
         k = key
@@ -150,7 +152,7 @@ cdef class Crypto1:
             if j < 64:
                 par64 |= <uint64_t>(ODD_PARITY[b] ^ _filter(self.odd)) << j
             else:
-                parity |= (ODD_PARITY[b] ^ _filter(self.odd)) << j
+                parity |= (<object>(ODD_PARITY[b] ^ _filter(self.odd))) << j
         return bytes(out), parity | par64
 
     def decrypt_bytes(self, const unsigned char[:] data, bint feed=False):
@@ -171,7 +173,7 @@ cdef class Crypto1:
             if j < 64:
                 par64 |= <uint64_t>_filter(self.odd) << j
             else:
-                parity |= _filter(self.odd) << j
+                parity |= (<object>_filter(self.odd)) << j
         return bytes(out), parity | par64
 
 

@@ -23,9 +23,9 @@ except ImportError as exc:  # pragma: no cover - only on a checkout that skipped
     ) from exc
 
 __all__ = [
+    "Cipher",
     "Crypto1",
     "Crypto1Ref",
-    "Cipher",
     "decrypt_bits",
     "decrypt_frame",
     "encrypt_bits",

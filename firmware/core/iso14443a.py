@@ -104,7 +104,7 @@ class BitFrame:
 
     @classmethod
     def from_packed(cls, data: bytes, last_bits: int = 8) -> BitFrame:
-        """Inverse of :meth:`to_packed`; ``last_bits`` is the count of valid bits in the last byte."""
+        """Inverse of :meth:`to_packed`; ``last_bits`` counts the valid bits in the last byte."""
         if not data:
             return SILENCE
         if not 1 <= last_bits <= 8:

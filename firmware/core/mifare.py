@@ -1,0 +1,695 @@
+"""MIFARE Classic command protocol, both roles, over bit frames.
+
+The reader side (:class:`ClassicReader`) is written against one abstract
+``transceive(BitFrame) -> BitFrame`` callable, so the same code drives a virtual card in
+process, a PN532 in transparent mode (the host runs Crypto1 and supplies its own parity), or
+a test double that injects faults. The card side (:class:`ClassicCard`) is a sans-I/O state
+machine that consumes the reader's frames and returns its answers; the virtual cards of the
+simulators wrap it with persistence and fault injection. Both roles share the framing of
+:mod:`.iso14443a` and the cipher of :mod:`.crypto1`, so a bug in either shows up as a
+disagreement between them in the tests rather than hiding on one side.
+
+Protocol facts used here (MIFARE Classic EV1 datasheets, and the published analysis of the
+authentication): commands carry a CRC_A; after authentication every frame, its parity bits
+and the 4-bit ACK/NACK are encrypted; WRITE and the value commands are two-phase (command,
+ACK, data); INCREMENT/DECREMENT/RESTORE answer the data phase with silence on success and
+TRANSFER commits the card's internal transfer buffer. For a 7-byte UID the cipher is
+initialised with the UID's last four bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from . import classic_layout as layout
+from .classic_layout import KeyType, parse_key_type
+from .crypto1 import (
+    Cipher,
+    Crypto1,
+    decrypt_bits,
+    decrypt_frame,
+    encrypt_bits,
+    encrypt_frame,
+    prng_successor,
+)
+from .anticollision import CardSelector
+from .errors import (
+    AuthenticationError,
+    CodecError,
+    CoreError,
+    FrameError,
+    NackError,
+    NoResponseError,
+    ProtocolError,
+)
+from .iso14443a import SILENCE, BitFrame, decode, encode, split, strip_crc, with_crc
+
+# Command codes (first byte of a MIFARE Classic command frame).
+AUTH_A = 0x60
+AUTH_B = 0x61
+READ = 0x30
+WRITE = 0xA0
+DECREMENT = 0xC0
+INCREMENT = 0xC1
+RESTORE = 0xC2
+TRANSFER = 0xB0
+HALT = 0x50
+
+ACK = 0xA
+NACK_INVALID_OP = 0x4  # invalid operation (not permitted, wrong block), transfer buffer valid
+NACK_CRC = 0x5  # parity or CRC error, transfer buffer valid
+NACK_INVALID_OP_TB_INVALID = 0x0
+NACK_CRC_TB_INVALID = 0x1
+
+NACK_MEANINGS = {
+    0x0: "invalid operation (transfer buffer invalid)",
+    0x1: "parity or CRC error (transfer buffer invalid)",
+    0x4: "invalid operation: not allowed by the access bits, or a wrong block",
+    0x5: "parity or CRC error",
+}
+
+Transceive = Callable[[BitFrame], BitFrame]
+CipherFactory = Callable[[int], Cipher]
+
+
+def auth_command(key_type: KeyType) -> int:
+    return AUTH_A if key_type is KeyType.A else AUTH_B
+
+
+def cipher_uid(uid: bytes) -> int:
+    """The 32 bits of the UID that seed the cipher: all of a 4-byte UID, the last 4 of a
+    7-byte UID (what the card calls its 'cuid')."""
+    if len(uid) not in (4, 7, 10):
+        raise CodecError(f"a UID has 4, 7 or 10 bytes, not {len(uid)}")
+    return int.from_bytes(uid[-4:], "big")
+
+
+def key_to_int(key: bytes | int) -> int:
+    if isinstance(key, int):
+        if not 0 <= key < 1 << 48:
+            raise CodecError("a MIFARE Classic key has 48 bits")
+        return key
+    if len(key) != 6:
+        raise CodecError(f"a MIFARE Classic key has 6 bytes, not {len(key)}")
+    return int.from_bytes(key, "big")
+
+
+def _nested_nonce_parity(nt: int, ks: int, next_ks_bit: int) -> list[int]:
+    """Parity bits of an encrypted nonce: byte i's parity is encrypted with the keystream bit
+    that encrypts the first bit of byte i+1 (for the last byte, the next clock's bit)."""
+    nt_bytes = nt.to_bytes(4, "big")
+    ks_bytes = ks.to_bytes(4, "big")
+    out = []
+    for i in range(4):
+        nxt = ks_bytes[i + 1] & 1 if i < 3 else next_ks_bit
+        out.append(((nt_bytes[i].bit_count() + 1) & 1) ^ nxt)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class TraceEntry:
+    """One frame on the air as the reader saw it, with the plaintext it stands for."""
+
+    direction: str  # "R>C" reader to card, "C>R" card to reader
+    frame: BitFrame
+    plain: bytes | None
+    note: str
+
+
+Tracer = Callable[[TraceEntry], None]
+
+
+class ClassicReader:
+    """The reader (PCD) side of MIFARE Classic on an already selected card.
+
+    Keeps the session cipher between commands: the first :meth:`authenticate` runs the plain
+    three-pass authentication, later ones run the nested (encrypted) one. Any failure that
+    leaves the session in doubt drops the cipher, as a real card does, so the caller must
+    authenticate again.
+    """
+
+    def __init__(
+        self,
+        transceive: Transceive,
+        uid: bytes,
+        *,
+        cipher_factory: CipherFactory = Crypto1,
+        nonce: Callable[[], int] | None = None,
+        tracer: Tracer | None = None,
+    ) -> None:
+        self._transceive = transceive
+        self.uid = bytes(uid)
+        self._cuid = cipher_uid(self.uid)
+        self._new_cipher = cipher_factory
+        self._nonce = nonce or (lambda: int.from_bytes(os.urandom(4), "big"))
+        self._tracer = tracer
+        self.cipher: Cipher | None = None
+        self.sector_block: int | None = None  # block used for the current authentication
+
+    # -- plumbing -----------------------------------------------------------------------
+
+    def _send(self, frame: BitFrame, plain: bytes | None, note: str) -> BitFrame:
+        if self._tracer:
+            self._tracer(TraceEntry("R>C", frame, plain, note))
+        answer = self._transceive(frame)
+        return answer
+
+    def _note_answer(self, frame: BitFrame, plain: bytes | None, note: str) -> None:
+        if self._tracer:
+            self._tracer(TraceEntry("C>R", frame, plain, note))
+
+    def _command(self, payload: bytes, note: str) -> BitFrame:
+        """Send a command frame (CRC appended; encrypted when a session is open)."""
+        data = with_crc(payload)
+        frame = encrypt_frame(self.cipher, data) if self.cipher else encode(data)
+        return self._send(frame, data, note)
+
+    def _expect_ack(self, answer: BitFrame, what: str) -> None:
+        if not answer:
+            self.cipher = None
+            raise NoResponseError(f"card did not acknowledge {what}: card removed or torn")
+        if answer.length != 4:
+            self.cipher = None
+            raise FrameError(f"expected a 4-bit ACK to {what}, got {answer.length} bits")
+        code = decrypt_bits(self.cipher, answer) if self.cipher else answer.bits
+        self._note_answer(answer, bytes([code]), "ACK" if code == ACK else f"NACK {code:X}")
+        if code != ACK:
+            self._raise_nack(code, what)
+
+    def _raise_nack(self, code: int, what: str) -> None:
+        self.cipher = None
+        meaning = NACK_MEANINGS.get(code, "unknown NACK code")
+        raise NackError(code, f"card refused {what}: NACK 0x{code:X}, {meaning}")
+
+    # -- authentication -----------------------------------------------------------------
+
+    def authenticate(self, block: int, key: bytes | int, key_type: str | KeyType = "A") -> None:
+        """Authenticate for the sector of ``block`` with a 6-byte key.
+
+        Raises :class:`AuthenticationError` when the card does not prove knowledge of the
+        key (wrong key, wrong key type, or a card that is not what it claims to be).
+        """
+        kt = parse_key_type(key_type.upper() if isinstance(key_type, str) else key_type)
+        k = key_to_int(key)
+        if not 0 <= block <= 0xFF:
+            raise CodecError(f"block number {block} out of range 0..255")
+        nested = self.cipher is not None
+        answer = self._command(
+            bytes([auth_command(kt), block]),
+            f"AUTH-{kt.value} block {block}" + (" (nested, encrypted)" if nested else ""),
+        )
+        cipher = self._new_cipher(k)
+        if not answer:
+            self.cipher = None
+            raise NoResponseError(f"card did not answer AUTH-{kt.value} for block {block}")
+        if answer.length == 4:
+            code = decrypt_bits(self.cipher, answer) if nested else answer.bits
+            self._raise_nack(code, f"AUTH-{kt.value} for block {block}")
+        if answer.length != 36:
+            self.cipher = None
+            raise FrameError(f"card nonce should be 4 bytes, got a {answer.length}-bit frame")
+        if nested:
+            enc, parity = split(answer)
+            enc_nt = int.from_bytes(enc, "big")
+            ks = cipher.word(self._cuid ^ enc_nt, True)
+            nt = enc_nt ^ ks
+            if _nested_nonce_parity(nt, ks, cipher.peek()) != parity:
+                self.cipher = None
+                raise AuthenticationError(
+                    f"encrypted card nonce has bad parity during nested AUTH-{kt.value} for "
+                    f"block {block}: the card does not hold this key"
+                )
+            self._note_answer(answer, nt.to_bytes(4, "big"), "{nt} card nonce (encrypted)")
+        else:
+            nt = int.from_bytes(decode(answer), "big")
+            self._note_answer(answer, nt.to_bytes(4, "big"), "nt card nonce (plain)")
+            cipher.word(self._cuid ^ nt, False)
+        nr = self._nonce() & 0xFFFFFFFF
+        ar = prng_successor(nt, 64)
+        nr_enc, nr_par = cipher.encrypt_bytes(nr.to_bytes(4, "big"), True)
+        ar_enc, ar_par = cipher.encrypt_bytes(ar.to_bytes(4, "big"), False)
+        parity = [(nr_par >> i) & 1 for i in range(4)] + [(ar_par >> i) & 1 for i in range(4)]
+        self.cipher = None
+        answer = self._send(
+            encode(nr_enc + ar_enc, parity),
+            nr.to_bytes(4, "big") + ar.to_bytes(4, "big"),
+            "{nr}{ar}: reader nonce and answer suc64(nt)",
+        )
+        if not answer:
+            raise AuthenticationError(
+                f"card did not accept the reader's answer (AUTH-{kt.value}, block {block}): "
+                "wrong key or wrong key type for this sector"
+            )
+        if answer.length == 4:
+            raise AuthenticationError(
+                f"card answered the reader's challenge with a NACK (AUTH-{kt.value}, block "
+                f"{block}): wrong key"
+            )
+        try:
+            at = int.from_bytes(decrypt_frame(cipher, answer), "big")
+        except CoreError as exc:
+            raise AuthenticationError(f"card's answer {{at}} is garbled: {exc}") from exc
+        self._note_answer(answer, at.to_bytes(4, "big"), "{at}: card answer suc96(nt)")
+        if at != prng_successor(nt, 96):
+            raise AuthenticationError(
+                "card's answer does not match suc96(nt): the card does not know the key "
+                "(possible emulator or relay)"
+            )
+        self.cipher = cipher
+        self.sector_block = block
+
+    def _require_session(self, what: str) -> None:
+        if self.cipher is None:
+            raise ProtocolError(f"{what} needs an authenticated session: authenticate first")
+
+    def _encrypted_answer(self, answer: BitFrame, what: str, nbytes: int) -> bytes:
+        if not answer:
+            self.cipher = None
+            raise NoResponseError(f"card did not answer {what}: card removed or torn")
+        if answer.length == 4:
+            self._raise_nack(decrypt_bits(self.cipher, answer), what)
+        try:
+            data = strip_crc(decrypt_frame(self.cipher, answer))
+        except CoreError:
+            self.cipher = None
+            raise
+        if len(data) != nbytes:
+            self.cipher = None
+            raise FrameError(f"answer to {what} has {len(data)} bytes, expected {nbytes}")
+        return data
+
+    # -- memory commands ------------------------------------------------------------------
+
+    def read(self, block: int) -> bytes:
+        """Read one 16-byte block of the authenticated sector."""
+        self._require_session("READ")
+        answer = self._command(bytes([READ, block]), f"READ block {block}")
+        data = self._encrypted_answer(answer, f"READ block {block}", 16)
+        self._note_answer(answer, data, f"block {block} data")
+        return data
+
+    def write(self, block: int, data: bytes) -> None:
+        """Write one 16-byte block (two phases, each acknowledged)."""
+        self._require_session("WRITE")
+        if len(data) != 16:
+            raise CodecError(f"a block has 16 bytes, not {len(data)}")
+        self._expect_ack(
+            self._command(bytes([WRITE, block]), f"WRITE block {block}"), f"WRITE {block}"
+        )
+        self._expect_ack(self._command(bytes(data), "data"), f"WRITE data for block {block}")
+
+    def _value_op(self, command: int, name: str, block: int, operand: int) -> None:
+        self._require_session(name)
+        self._expect_ack(self._command(bytes([command, block]), f"{name} {block}"), name)
+        answer = self._command(operand.to_bytes(4, "little", signed=True), f"{name} operand")
+        if answer:
+            # success is silence; anything else is an (encrypted) NACK
+            if answer.length == 4:
+                self._raise_nack(decrypt_bits(self.cipher, answer), f"{name} of block {block}")
+            self.cipher = None
+            raise FrameError(f"unexpected {answer.length}-bit answer to the {name} operand")
+
+    def increment(self, block: int, amount: int) -> None:
+        """Load value block ``block`` plus ``amount`` into the transfer buffer."""
+        if not 0 <= amount < 1 << 31:
+            raise CodecError("increment amount must be 0 .. 2^31-1")
+        self._value_op(INCREMENT, "INCREMENT", block, amount)
+
+    def decrement(self, block: int, amount: int) -> None:
+        """Load value block ``block`` minus ``amount`` into the transfer buffer."""
+        if not 0 <= amount < 1 << 31:
+            raise CodecError("decrement amount must be 0 .. 2^31-1")
+        self._value_op(DECREMENT, "DECREMENT", block, amount)
+
+    def restore(self, block: int) -> None:
+        """Load value block ``block`` unchanged into the transfer buffer (for backups)."""
+        self._value_op(RESTORE, "RESTORE", block, 0)
+
+    def transfer(self, block: int) -> None:
+        """Write the transfer buffer to value block ``block``: the commit point."""
+        self._require_session("TRANSFER")
+        self._expect_ack(
+            self._command(bytes([TRANSFER, block]), f"TRANSFER to block {block}"), "TRANSFER"
+        )
+
+    def halt(self) -> None:
+        """Put the card to sleep (HLTA, encrypted inside a session); it must stay silent."""
+        answer = self._command(bytes([HALT, 0]), "HALT")
+        self.cipher = None
+        if answer:
+            raise ProtocolError(f"card answered HALT with a {answer.length}-bit frame")
+
+
+# ----------------------------------------------------------------------------------------
+# Card side
+# ----------------------------------------------------------------------------------------
+
+
+class CardState(Enum):
+    ACTIVE = "active"  # selected, not authenticated
+    AUTH_NONCE_SENT = "auth_nonce_sent"  # waiting for {nr}{ar}
+    AUTHENTICATED = "authenticated"
+    WRITE_PENDING = "write_pending"  # WRITE acknowledged, waiting for 16 data bytes
+    VALUE_PENDING = "value_pending"  # INC/DEC/RESTORE acknowledged, waiting for the operand
+    HALTED = "halted"  # HLTA received: silent until the activation layer wakes it
+    ABORTED = "aborted"  # a protocol error: silent; the activation layer falls back to IDLE
+
+
+class TagNonces:
+    """The card's 16-bit LFSR nonce generator: it free-runs while the card is powered, so
+    successive nonces are suc^n of each other for some n that depends on timing."""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self._rng = rng or random.Random()
+        seed = self._rng.getrandbits(16) or 1
+        # a valid 32-bit nonce is 32 consecutive bits of the 16-bit LFSR sequence
+        self._x = prng_successor((seed << 16) | seed, 16)
+
+    def __call__(self) -> int:
+        self._x = prng_successor(self._x, 16 + self._rng.randrange(1, 4096))
+        return self._x
+
+
+class ClassicCard:
+    """The card (PICC) side of MIFARE Classic after selection, as a sans-I/O state machine.
+
+    ``memory`` is the card's whole EEPROM (64 or 256 blocks of 16 bytes), mutated in place.
+    Keys and access conditions are read from the sector trailers on every authentication
+    and command, as the chip does, and enforced: an operation the access bits forbid gets a
+    NACK. Feed reader frames to :meth:`handle`; it returns the answer (``SILENCE`` for none).
+    """
+
+    def __init__(
+        self,
+        uid: bytes,
+        memory: bytearray,
+        *,
+        card_type: layout.CardType | None = None,
+        cipher_factory: CipherFactory = Crypto1,
+        nonces: Callable[[], int] | None = None,
+    ) -> None:
+        self.uid = bytes(uid)
+        self._cuid = cipher_uid(self.uid)
+        if card_type is None:
+            card_type = layout.CardType.from_size(len(memory))
+        if len(memory) != card_type.size_bytes:
+            raise CodecError(
+                f"memory of {len(memory)} bytes does not fit a {card_type.name} card"
+            )
+        self.card_type = card_type
+        self.memory = memory
+        self._new_cipher = cipher_factory
+        self._nonces = nonces or TagNonces()
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the selected, unauthenticated state (also what a field reset leads to)."""
+        self.state = CardState.ACTIVE
+        self.cipher: Cipher | None = None
+        self.auth_sector: int | None = None
+        self.auth_key_type: KeyType | None = None
+        self._nt = 0
+        self._pending_block = 0
+        self._pending_op = 0
+        self._transfer_buffer: tuple[int, int] | None = None  # (value, address byte)
+
+    # -- memory helpers -------------------------------------------------------------------
+
+    def block(self, n: int) -> bytes:
+        return bytes(self.memory[16 * n : 16 * n + 16])
+
+    def _trailer(self, sector: int) -> bytes:
+        return self.block(layout.trailer_block(sector, self.card_type))
+
+    def _conditions(self, sector: int) -> layout.AccessConditions | None:
+        """The sector's access conditions, or None when its access bits are corrupt: the
+        chip then blocks the sector."""
+        try:
+            return layout.decode_access_bits(self._trailer(sector)[6:9])
+        except CoreError:
+            return None
+
+    def _permits(self, block: int, operation: str) -> bool:
+        """Whether the authenticated key may do ``operation`` on ``block`` (the datasheet
+        tables, including the rule that a readable key B grants nothing)."""
+        sector = layout.sector_of(block, self.card_type)
+        if sector != self.auth_sector:
+            return False
+        conds = self._conditions(sector)
+        if conds is None:
+            return False
+        return layout.block_permits(conds, block, operation, self.auth_key_type, self.card_type)
+
+    def _read_trailer(self, block: int) -> bytes:
+        """A trailer as a reader sees it: keys and unreadable fields masked out."""
+        sector = layout.sector_of(block, self.card_type)
+        raw = self._trailer(sector)
+        cond = self._conditions(sector).trailer
+        kt = self.auth_key_type
+        out = bytearray(16)  # key A is never readable
+        if layout.trailer_permits(cond, "access_bits", "read", kt):
+            out[6:10] = raw[6:10]
+        if layout.trailer_permits(cond, "key_b", "read", kt):
+            out[10:16] = raw[10:16]
+        return bytes(out)
+
+    def _write_trailer(self, block: int, new: bytes) -> None:
+        """Write the trailer fields the access bits let this key write; the others keep
+        their old bytes, as on the chip."""
+        sector = layout.sector_of(block, self.card_type)
+        raw = bytearray(self._trailer(sector))
+        cond = self._conditions(sector).trailer
+        kt = self.auth_key_type
+        fields = (("key_a", 0, 6), ("access_bits", 6, 10), ("key_b", 10, 16))
+        for name, lo, hi in fields:
+            if layout.trailer_permits(cond, name, "write", kt):
+                raw[lo:hi] = new[lo:hi]
+        self.memory[16 * block : 16 * block + 16] = raw
+
+    # -- framing helpers --------------------------------------------------------------------
+
+    def _nack(self, code: int) -> BitFrame:
+        if self.cipher is not None:
+            return encrypt_bits(self.cipher, code, 4)
+        return BitFrame(code, 4)
+
+    def _ack(self) -> BitFrame:
+        return self._nack(ACK)
+
+    def _answer(self, data: bytes) -> BitFrame:
+        return encrypt_frame(self.cipher, data) if self.cipher else encode(data)
+
+    def _abort(self) -> BitFrame:
+        """A protocol violation: the chip drops the session and goes quiet."""
+        self.cipher = None
+        self.state = CardState.ABORTED
+        return SILENCE
+
+    # -- the state machine ----------------------------------------------------------------
+
+    def handle(self, frame: BitFrame) -> BitFrame:
+        """Consume one reader frame and return the card's answer (``SILENCE`` for none)."""
+        if self.state in (CardState.HALTED, CardState.ABORTED) or not frame:
+            return SILENCE
+        try:
+            if self.state is CardState.AUTH_NONCE_SENT:
+                return self._finish_auth(frame)
+            if frame.length % 9:
+                return self._abort()
+            data = decode(frame) if self.cipher is None else decrypt_frame(self.cipher, frame)
+        except CoreError:
+            # a frame the chip cannot read (parity) is ignored and ends an open session
+            return self._abort()
+        try:
+            payload = strip_crc(data)
+        except CoreError:
+            return self._nack(NACK_CRC)
+        try:
+            if self.state is CardState.WRITE_PENDING:
+                return self._write_data(payload)
+            if self.state is CardState.VALUE_PENDING:
+                return self._value_operand(payload)
+            return self._command(payload)
+        except CoreError:
+            # memory that no longer decodes (a torn value block, broken access bits)
+            return self._nack(NACK_INVALID_OP)
+
+    def _command(self, payload: bytes) -> BitFrame:
+        cmd = payload[0]
+        if cmd == HALT and len(payload) == 2 and payload[1] == 0:
+            self.cipher = None
+            self.state = CardState.HALTED
+            return SILENCE
+        if cmd in (AUTH_A, AUTH_B) and len(payload) == 2:
+            return self._start_auth(KeyType.A if cmd == AUTH_A else KeyType.B, payload[1])
+        if self.state is not CardState.AUTHENTICATED or len(payload) != 2:
+            return self._nack(NACK_INVALID_OP)
+        block = payload[1]
+        if block >= self.card_type.blocks:
+            return self._nack(NACK_INVALID_OP)
+        if cmd == READ:
+            if not self._permits(block, "read"):
+                return self._nack(NACK_INVALID_OP)
+            trailer = layout.is_trailer(block, self.card_type)
+            data = self._read_trailer(block) if trailer else self.block(block)
+            return self._answer(with_crc(data))
+        if cmd == WRITE:
+            if not self._permits(block, "write"):
+                return self._nack(NACK_INVALID_OP)
+            self._pending_block = block
+            self.state = CardState.WRITE_PENDING
+            return self._ack()
+        if cmd in (INCREMENT, DECREMENT, RESTORE):
+            op = {INCREMENT: "increment", DECREMENT: "decrement", RESTORE: "restore"}[cmd]
+            if layout.is_trailer(block, self.card_type) or not self._permits(block, op):
+                return self._nack(NACK_INVALID_OP)
+            if not layout.is_value_block(self.block(block)):
+                return self._nack(NACK_INVALID_OP)
+            self._pending_block = block
+            self._pending_op = cmd
+            self.state = CardState.VALUE_PENDING
+            return self._ack()
+        if cmd == TRANSFER:
+            if (
+                self._transfer_buffer is None
+                or layout.is_trailer(block, self.card_type)
+                or not self._permits(block, "transfer")
+            ):
+                return self._nack(NACK_INVALID_OP)
+            value, addr = self._transfer_buffer
+            self.memory[16 * block : 16 * block + 16] = layout.encode_value_block(value, addr)
+            return self._ack()
+        return self._nack(NACK_INVALID_OP)
+
+    def _write_data(self, payload: bytes) -> BitFrame:
+        self.state = CardState.AUTHENTICATED
+        if len(payload) != 16:
+            return self._nack(NACK_INVALID_OP)
+        block = self._pending_block
+        if layout.is_trailer(block, self.card_type):
+            self._write_trailer(block, payload)
+        else:
+            self.memory[16 * block : 16 * block + 16] = payload
+        return self._ack()
+
+    def _value_operand(self, payload: bytes) -> BitFrame:
+        self.state = CardState.AUTHENTICATED
+        if len(payload) != 4:
+            return self._nack(NACK_INVALID_OP)
+        operand = int.from_bytes(payload, "little", signed=True)
+        value, addr = layout.decode_value_block(self.block(self._pending_block))
+        if self._pending_op == INCREMENT:
+            value += operand
+        elif self._pending_op == DECREMENT:
+            value -= operand
+        if not -(1 << 31) <= value < 1 << 31:
+            self._transfer_buffer = None
+            return self._nack(NACK_INVALID_OP_TB_INVALID)
+        self._transfer_buffer = (value, addr)
+        return SILENCE
+
+    # -- authentication -------------------------------------------------------------------
+
+    def _start_auth(self, key_type: KeyType, block: int) -> BitFrame:
+        if block >= self.card_type.blocks:
+            return self._nack(NACK_INVALID_OP)
+        sector = layout.sector_of(block, self.card_type)
+        trailer = self._trailer(sector)
+        key = trailer[0:6] if key_type is KeyType.A else trailer[10:16]
+        nested = self.cipher is not None
+        nt = self._nonces() & 0xFFFFFFFF
+        cipher = self._new_cipher(int.from_bytes(key, "big"))
+        if nested:
+            ks = cipher.word(self._cuid ^ nt, False)
+            parity = _nested_nonce_parity(nt, ks, cipher.peek())
+            answer = encode((nt ^ ks).to_bytes(4, "big"), parity)
+        else:
+            cipher.word(self._cuid ^ nt, False)
+            answer = encode(nt.to_bytes(4, "big"))
+        self.cipher = cipher
+        self._nt = nt
+        self.auth_sector = sector
+        self.auth_key_type = key_type
+        self._transfer_buffer = None
+        self.state = CardState.AUTH_NONCE_SENT
+        return answer
+
+    def _finish_auth(self, frame: BitFrame) -> BitFrame:
+        cipher = self.cipher
+        try:
+            data, parity = split(frame)
+        except FrameError:
+            return self._abort()
+        if len(data) != 8:
+            return self._abort()
+        nr_and_ar, ks_parity = cipher.decrypt_bytes(data[:4], True)
+        ar_plain, ks_parity2 = cipher.decrypt_bytes(data[4:], False)
+        plain = nr_and_ar + ar_plain
+        ks_par = ks_parity | (ks_parity2 << 4)
+        for i, b in enumerate(plain):
+            if parity[i] ^ ((ks_par >> i) & 1) != (b.bit_count() + 1) & 1:
+                return self._abort()
+        if int.from_bytes(ar_plain, "big") != prng_successor(self._nt, 64):
+            return self._abort()
+        at = prng_successor(self._nt, 96)
+        self.state = CardState.AUTHENTICATED
+        return encrypt_frame(cipher, at.to_bytes(4, "big"))
+
+
+class ClassicTag:
+    """A whole MIFARE Classic card on the air: the ISO 14443-3 activation layer
+    (:class:`CardSelector`: REQA/WUPA, anticollision, SELECT, HLTA) in front of the Classic
+    protocol (:class:`ClassicCard`). This is what a virtual card puts in an RF field.
+
+    The activation layer sees every frame first and claims only those that can be nothing
+    else; the rest go to the Classic layer, which decrypts and decides. Whenever the card
+    leaves ACTIVE (halted, woken again, or an error) its Crypto1 session is dropped.
+    """
+
+    def __init__(
+        self,
+        uid: bytes,
+        memory: bytearray,
+        *,
+        card_type: layout.CardType | None = None,
+        cipher_factory: CipherFactory = Crypto1,
+        nonces: Callable[[], int] | None = None,
+    ) -> None:
+        self.card = ClassicCard(
+            uid, memory, card_type=card_type, cipher_factory=cipher_factory, nonces=nonces
+        )
+        ct = self.card.card_type
+        self.selector = CardSelector(uid, ct.atqa(len(uid)).to_bytes(2, "little"), ct.sak)
+
+    @property
+    def uid(self) -> bytes:
+        return self.card.uid
+
+    @property
+    def memory(self) -> bytearray:
+        return self.card.memory
+
+    def reset(self) -> None:
+        """The card lost power (left the field, or the field was switched off)."""
+        self.selector.reset()
+        self.card.reset()
+
+    def handle(self, frame: BitFrame) -> BitFrame:
+        """Consume one reader frame; return the answer (``SILENCE`` for none)."""
+        answer = self.selector.handle(frame)
+        if answer is not None:
+            if self.card.state is not CardState.ACTIVE or not self.selector.selected:
+                self.card.reset()
+            return answer
+        answer = self.card.handle(frame)
+        if self.card.state is CardState.HALTED:
+            self.selector.halt()
+            self.card.reset()
+        elif self.card.state is CardState.ABORTED:
+            self.selector.abort()
+            self.card.reset()
+        return answer
