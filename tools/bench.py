@@ -130,6 +130,7 @@ def core(as_json: bool, seconds: float) -> None:
 
     def auth_read3() -> int:
         card.reset()
+        reader.reset()
         reader.authenticate(4, key, "A")
         reader.read(4)
         reader.read(5)

@@ -3,43 +3,49 @@
 For now the main job is a self-demonstration of the validator core: a virtual MIFARE Classic
 card is issued with per-card diversified keys, then tapped: selected through the ISO 14443-3
 anticollision loop, authenticated, read, charged a fare with DECREMENT + TRANSFER, and
-authenticated again (nested) for a second sector. Every frame on the air is printed as the
+authenticated again (nested) into a second sector. Every frame on the air is printed as the
 reader saw it, ciphertext and plaintext side by side, so a technician can follow a real tap.
+The demo checks its own results and exits non-zero if any step does not come out as the
+protocol says it must.
 """
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass
+
 import click
 
-from firmware.core.anticollision import CardSelector, Field, select_card
+from firmware.core.anticollision import SEL_CODES, Field, select_card
 from firmware.core.classic_layout import (
     CardType,
-    SectorTrailer,
     decode_value_block,
     encode_value_block,
     factory_memory,
     first_block,
+    trailer_block,
     transit_trailer,
 )
 from firmware.core.errors import AuthenticationError
-from firmware.core.iso14443a import BitFrame, split
-from firmware.core.keys import classic_sector_key
-from firmware.core.mifare import ClassicCard, ClassicReader, ClassicTag, TraceEntry
+from firmware.core.iso14443a import REQA, WUPA, BitFrame, split
+from firmware.core.keys import MemoryKeyStore
+from firmware.core.mifare import ClassicReader, ClassicTag, TagNonces, TraceEntry
 
-# A demo master key: the key store of a real deployment holds this; never a constant.
-DEMO_MASTER = bytes.fromhex("00112233445566778899AABBCCDDEEFF")
 TRANSPORT_KEY = bytes.fromhex("FFFFFFFFFFFF")
+DEMO_UID = bytes.fromhex("045F217A3C5880")  # 7 bytes: two cascade levels
 PURSE_SECTOR = 1
-LOG_SECTOR = 2
+SPARE_SECTOR = 2
+INITIAL_BALANCE = 5000  # kuruş
+FARE = 350  # kuruş
 
 
 def show_frame(frame: BitFrame) -> str:
     """Bytes on the air in hex; a ``!`` marks a parity bit that is not the plain odd parity
-    of the byte as sent (what encrypted parity looks like in a Proxmark trace)."""
+    of the byte as sent: that is what encrypted parity looks like in a sniffer trace."""
     if not frame:
         return "(silence)"
     if frame.length % 9:
-        return f"{frame.bits:0{(frame.length + 3) // 4}X} ({frame.length} bits)"
+        return f"{frame.bits:X} ({frame.length} bits)"
     data, parity = split(frame)
     return " ".join(
         f"{b:02X}{'!' if p != (b.bit_count() + 1) & 1 else ''}"
@@ -47,98 +53,142 @@ def show_frame(frame: BitFrame) -> str:
     )
 
 
-class Printer:
+def describe_activation(request: BitFrame, answer: BitFrame) -> tuple[str, str]:
+    """Names for an ISO 14443-3 activation exchange (the frames are plain)."""
+    if request.length == 7:
+        name = {REQA: "REQA", WUPA: "WUPA"}.get(request.bits, "short frame")
+        return name, "ATQA" if answer else ""
+    data, _ = split(request) if request.length % 9 == 0 else (b"", [])
+    if len(data) >= 2 and data[0] in SEL_CODES:
+        level = SEL_CODES.index(data[0]) + 1
+        if data[1] == 0x70:
+            return f"SELECT cascade level {level}", "SAK + CRC_A"
+        return f"ANTICOLLISION cascade level {level}", "UID CLn + BCC"
+    return "", ""
+
+
+class Trace:
+    """Prints frames as numbered lines: direction, bytes on the air, plaintext, meaning."""
+
     def __init__(self) -> None:
         self.count = 0
 
-    def line(self, direction: str, onair: str, plain: str, note: str) -> None:
+    def line(self, direction: str, frame: BitFrame, plain: bytes | None, note: str) -> None:
         self.count += 1
-        click.echo(f"{self.count:3d} {direction}  {onair:<54} {plain:<36} {note}")
+        onair = show_frame(frame)
+        click.echo(f"{self.count:3d} {direction} {onair}")
+        plain_hex = plain.hex(" ").upper() if plain is not None else None
+        detail = f"= {plain_hex}  " if plain_hex is not None and plain_hex != onair else ""
+        if detail or note:
+            click.echo(f"        {detail}{note}")
 
     def entry(self, e: TraceEntry) -> None:
-        plain = e.plain.hex(" ").upper() if e.plain is not None else ""
-        self.line(e.direction, show_frame(e.frame), plain, e.note)
+        self.line(e.direction, e.frame, e.plain, e.note)
 
-    def heading(self, text: str) -> None:
-        click.echo()
-        click.secho(text, bold=True)
+    def activation(self, air: Field):
+        def transceive(frame: BitFrame) -> BitFrame:
+            answer = air.transceive(frame)
+            req, ans = describe_activation(frame, answer)
+            self.line("R>C", frame, None, req)
+            self.line("C>R", answer, None, ans)
+            return answer
+
+        return transceive
 
 
-def run_demo() -> None:
+def heading(text: str) -> None:
+    click.echo()
+    click.secho(text, bold=True)
+
+
+def check(condition: bool, what: str) -> None:
+    if not condition:
+        raise click.ClickException(f"demo self-check failed: {what}")
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    frames: int
+    balance: int
+    sector_keys: tuple[bytes, bytes]  # for the test that proves they never reach the output
+
+
+def run_demo(seed: int = 2026) -> DemoResult:
+    rng = random.Random(seed)
     card_type = CardType.CLASSIC_1K
-    uid = bytes.fromhex("045F217A3C5880")  # a 7-byte UID: two cascade levels
-    memory = factory_memory(uid, card_type)
-    card = ClassicTag(uid, memory, card_type=card_type)
+    memory = factory_memory(DEMO_UID, card_type)
+    card = ClassicTag(DEMO_UID, memory, card_type=card_type, nonces=TagNonces(rng))
     air = Field([card])
-    out = Printer()
+    trace = Trace()
+    # The operator's key store holds the master keys; the reader only ever sees the
+    # per-card sector keys it derives (AN10922), and neither is printed.
+    store = MemoryKeyStore({"classic-sector": rng.randbytes(16)})
+    key_a = store.classic_key(DEMO_UID, PURSE_SECTOR, "A")
+    key_b = store.classic_key(DEMO_UID, PURSE_SECTOR, "B")
 
-    key_a = classic_sector_key(DEMO_MASTER, uid, PURSE_SECTOR, "A")
-    key_b = classic_sector_key(DEMO_MASTER, uid, PURSE_SECTOR, "B")
+    def reader_for(uid: bytes) -> ClassicReader:
+        return ClassicReader(
+            air.transceive, uid, tracer=trace.entry, nonce=lambda: rng.getrandbits(32)
+        )
 
-    def traced(frame: BitFrame) -> BitFrame:
-        answer = air.transceive(frame)
-        return answer
+    click.echo("afc demo: a MIFARE Classic 1K card (7-byte UID) and a reader, in process.")
+    click.echo("On-air bytes are shown as sent; '!' marks an encrypted parity bit, '=' the")
+    click.echo("plaintext the reader meant or decrypted.")
 
-    out.heading("1. Select: REQA, anticollision and SELECT over two cascade levels")
-
-    def select_traced(frame: BitFrame) -> BitFrame:
-        answer = air.transceive(frame)
-        out.line("R>C", show_frame(frame), "", "")
-        out.line("C>R", show_frame(answer), "", "")
-        return answer
-
-    selected = select_card(select_traced)
+    heading("1. Select: REQA, anticollision and SELECT over two cascade levels")
+    selected = select_card(trace.activation(air))
     click.echo(
-        f"    selected UID {selected.uid.hex(':').upper()}  ATQA {selected.atqa.hex().upper()}"
-        f"  SAK {selected.sak:02X}"
+        f"    selected UID {selected.uid.hex(':').upper()}, ATQA {selected.atqa.hex().upper()},"
+        f" SAK {selected.sak:02X}"
     )
+    check(selected.uid == DEMO_UID, "anticollision returned the wrong UID")
 
-    reader = ClassicReader(traced, selected.uid, tracer=out.entry)
-
-    out.heading(
-        f"2. Issue: transport key -> per-card keys for sector {PURSE_SECTOR}, purse 50.00 TL"
-    )
-    purse_block = first_block(PURSE_SECTOR, card_type)
-    reader.authenticate(purse_block, TRANSPORT_KEY, "A")
-    reader.write(purse_block, encode_value_block(5000, purse_block))
-    reader.write(purse_block + 1, encode_value_block(5000, purse_block))
-    trailer = transit_trailer(key_a, key_b)
-    reader.write(purse_block + 3, trailer.to_bytes())
-    reader.halt()
-    card_after_halt = select_card(air.transceive, wakeup=True)
-    reader = ClassicReader(traced, card_after_halt.uid, tracer=out.entry)
-
-    out.heading("3. Tap: authenticate with diversified key A, read the purse, charge 3.50 TL")
-    reader.authenticate(purse_block, key_b, "B")
-    value, _ = decode_value_block(reader.read(purse_block))
-    click.echo(f"    balance before: {value / 100:.2f} TL")
-    reader.decrement(purse_block, 350)
-    reader.transfer(purse_block)
-    value, _ = decode_value_block(reader.read(purse_block))
-    click.echo(f"    balance after:  {value / 100:.2f} TL")
-
-    out.heading(f"4. Nested authentication into sector {LOG_SECTOR} (transport key), read")
-    reader.authenticate(first_block(LOG_SECTOR, card_type), TRANSPORT_KEY, "A")
-    reader.read(first_block(LOG_SECTOR, card_type))
+    purse = first_block(PURSE_SECTOR, card_type)
+    heading(f"2. Issue: purse of {INITIAL_BALANCE / 100:.2f} TL (value block + backup)")
+    click.echo(f"    and sector {PURSE_SECTOR}'s transport keys replaced by diversified keys A/B")
+    reader = reader_for(selected.uid)
+    reader.authenticate(purse, TRANSPORT_KEY, "A")
+    reader.write(purse, encode_value_block(INITIAL_BALANCE, purse))
+    reader.write(purse + 1, encode_value_block(INITIAL_BALANCE, purse))
+    reader.write(trailer_block(PURSE_SECTOR, card_type), transit_trailer(key_a, key_b).to_bytes())
     reader.halt()
 
-    out.heading("5. A cloned-key attempt: the old transport key no longer opens the purse")
-    select_card(air.transceive, wakeup=True)
-    reader = ClassicReader(traced, uid, tracer=out.entry)
+    heading(f"3. Tap: wake the card, key A (read + spend), charge a {FARE / 100:.2f} TL fare")
+    selected = select_card(air.transceive, wakeup=True)
+    reader = reader_for(selected.uid)
+    reader.authenticate(purse, key_a, "A")
+    before, _ = decode_value_block(reader.read(purse))
+    reader.decrement(purse, FARE)
+    reader.transfer(purse)
+    after, _ = decode_value_block(reader.read(purse))
+    click.echo(f"    balance {before / 100:.2f} TL -> {after / 100:.2f} TL")
+    check(before - after == FARE, "the purse did not go down by exactly one fare")
+
+    heading(f"4. Nested authentication into sector {SPARE_SECTOR} (transport key) and READ")
+    reader.authenticate(first_block(SPARE_SECTOR, card_type), TRANSPORT_KEY, "A")
+    reader.read(first_block(SPARE_SECTOR, card_type))
+    reader.halt()
+
+    heading("5. A reader with only the old transport key is refused by the purse sector")
+    selected = select_card(air.transceive, wakeup=True)
+    reader = reader_for(selected.uid)
     try:
-        reader.authenticate(purse_block, TRANSPORT_KEY, "A")
+        reader.authenticate(purse, TRANSPORT_KEY, "A")
     except AuthenticationError as exc:
-        click.echo(f"    refused as expected: {exc}")
-    else:  # pragma: no cover - would be a security bug
-        raise click.ClickException("the transport key still opens the purse sector")
-    trailer_now = SectorTrailer.from_bytes(
-        bytes(memory[16 * (purse_block + 3) : 16 * (purse_block + 4)])
-    )
-    click.echo(f"\nDone: {out.count} frames; sector {PURSE_SECTOR} access {trailer_now.access}.")
-    _ = (ClassicCard, CardSelector)
+        click.echo(f"    refused, as it must be: {exc}")
+    else:
+        check(False, "the transport key still opens the personalised purse sector")
+
+    stored, _ = decode_value_block(bytes(memory[16 * purse : 16 * purse + 16]))
+    check(stored == INITIAL_BALANCE - FARE, "the card memory does not hold the new balance")
+    click.echo(f"\nDone: {trace.count} frames on the air; the card holds {stored / 100:.2f} TL.")
+    return DemoResult(trace.count, stored, (key_a, key_b))
 
 
 @click.command()
-def demo() -> None:
-    """Run the self-demonstration of the validator core (an annotated trace of a tap)."""
-    run_demo()
+@click.option("--seed", default=2026, show_default=True, help="Seed for nonces and demo keys.")
+def demo(seed: int) -> None:
+    """Run the self-demonstration of the validator core: an annotated trace of a card being
+    issued and tapped (anticollision, Crypto1 authentication, READ, WRITE, DECREMENT +
+    TRANSFER, nested authentication), checked step by step."""
+    run_demo(seed)

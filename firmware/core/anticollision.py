@@ -246,8 +246,9 @@ class CardSelector:
     an exact HLTA (``50 00 57 CD``) and a well-formed 81-bit SELECT with a good CRC. Every
     other frame — bit-oriented ANTICOLLISION frames and garbled ones included — gets
     ``None`` from :meth:`handle`: after MIFARE Classic authentication every frame is
-    encrypted, and a 4-byte ciphertext frame looks like a valid ``93 40 ..`` ANTICOLLISION, or
-    like an HLTA with a bad CRC, often enough to break sessions at random. The higher layer
+    encrypted, and 4-byte ciphertext frames look like an HLTA with a bad CRC (``50`` with
+    good parity: about 1 in 512) or a valid ``93 40 ..`` ANTICOLLISION (about 1 in 350,000)
+    often enough to break sessions at random in a long soak. The higher layer
     decrypts and decides, then calls :meth:`halt` (it decrypted an HLTA) or :meth:`abort`
     (the frame was an error). Conversely it should drop its own session whenever
     :attr:`state` is no longer ACTIVE after :meth:`handle`.

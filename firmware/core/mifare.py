@@ -80,6 +80,13 @@ def auth_command(key_type: KeyType) -> int:
     return AUTH_A if key_type is KeyType.A else AUTH_B
 
 
+def is_trailer_address(block: int) -> bool:
+    """Whether ``block`` is a sector trailer on any Classic card (1K and 4K agree: sectors
+    of 4 blocks up to block 127, of 16 blocks from 128). The reader uses it to keep keys out
+    of traces without knowing the card type."""
+    return block % 16 == 15 if block >= 128 else block % 4 == 3
+
+
 def cipher_uid(uid: bytes) -> int:
     """The 32 bits of the UID that seed the cipher: all of a 4-byte UID, the last 4 of a
     7-byte UID (what the card calls its 'cuid')."""
@@ -150,6 +157,11 @@ class ClassicReader:
         self.cipher: Cipher | None = None
         self.sector_block: int | None = None  # block used for the current authentication
 
+    def reset(self) -> None:
+        """Forget the session: the card was re-selected, or left the field and came back."""
+        self.cipher = None
+        self.sector_block = None
+
     # -- plumbing -----------------------------------------------------------------------
 
     def _send(self, frame: BitFrame, plain: bytes | None, note: str) -> BitFrame:
@@ -162,11 +174,14 @@ class ClassicReader:
         if self._tracer:
             self._tracer(TraceEntry("C>R", frame, plain, note))
 
-    def _command(self, payload: bytes, note: str) -> BitFrame:
-        """Send a command frame (CRC appended; encrypted when a session is open)."""
+    def _command(self, payload: bytes, note: str, secret: bool = False) -> BitFrame:
+        """Send a command frame (CRC appended; encrypted when a session is open).
+
+        With ``secret`` the tracer gets no plaintext: sector trailers carry keys.
+        """
         data = with_crc(payload)
         frame = encrypt_frame(self.cipher, data) if self.cipher else encode(data)
-        return self._send(frame, data, note)
+        return self._send(frame, None if secret else data, note)
 
     def _expect_ack(self, answer: BitFrame, what: str) -> None:
         if not answer:
@@ -300,7 +315,11 @@ class ClassicReader:
         self._expect_ack(
             self._command(bytes([WRITE, block]), f"WRITE block {block}"), f"WRITE {block}"
         )
-        self._expect_ack(self._command(bytes(data), "data"), f"WRITE data for block {block}")
+        trailer = is_trailer_address(block)
+        note = "trailer data (keys not shown)" if trailer else "data"
+        self._expect_ack(
+            self._command(bytes(data), note, secret=trailer), f"WRITE data for block {block}"
+        )
 
     def _value_op(self, command: int, name: str, block: int, operand: int) -> None:
         self._require_session(name)
