@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from . import classic_layout as layout
+from .anticollision import CardSelector
 from .classic_layout import KeyType, parse_key_type
 from .crypto1 import (
     Cipher,
@@ -36,7 +37,6 @@ from .crypto1 import (
     encrypt_frame,
     prng_successor,
 )
-from .anticollision import CardSelector
 from .errors import (
     AuthenticationError,
     CodecError,
