@@ -24,6 +24,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import Protocol
 
 from . import classic_layout as layout
 from .anticollision import CardSelector
@@ -115,6 +116,24 @@ def _nested_nonce_parity(nt: int, ks: int, next_ks_bit: int) -> list[int]:
         nxt = ks_bytes[i + 1] & 1 if i < 3 else next_ks_bit
         out.append(((nt_bytes[i].bit_count() + 1) & 1) ^ nxt)
     return out
+
+
+class ClassicAccess(Protocol):
+    """What an application needs to work with a selected MIFARE Classic card, whoever runs
+    Crypto1: :class:`ClassicReader` (the host, over bit frames) or a reader chip's own
+    engine (the PN532's InDataExchange in chip-crypto mode). Code above this line does not
+    care which."""
+
+    uid: bytes
+
+    def authenticate(self, block: int, key: bytes | int, key_type: str = "A") -> None: ...
+    def read(self, block: int) -> bytes: ...
+    def write(self, block: int, data: bytes) -> None: ...
+    def increment(self, block: int, amount: int) -> None: ...
+    def decrement(self, block: int, amount: int) -> None: ...
+    def restore(self, block: int) -> None: ...
+    def transfer(self, block: int) -> None: ...
+    def halt(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
