@@ -31,9 +31,10 @@ NACK_FRAME = bytes.fromhex("0000FFFF0000")
 ERROR_FRAME = bytes.fromhex("0000FF01FF7F8100")
 START_CODE = b"\x00\xff"
 
-MAX_NORMAL_LEN = 255  # LEN counts TFI + data; 255 still fits, but the manual uses extended >254
+MAX_NORMAL_LEN = 255  # LEN counts TFI + data; longer frames use the extended form
 MAX_FRAME_LEN = 265  # TFI + command + 263 data bytes: the PN532's own buffer limit
-MAX_BUFFERED = 4096  # a peer that streams garbage forever cannot grow our memory
+MAX_BUFFERED = 4096  # garbage before the first start code is dropped past this
+HARD_MAX_BUFFERED = 65536  # a caller that never drains events cannot grow our memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +99,7 @@ def encode_frame(tfi: int, data: bytes) -> bytes:
     n = len(body)
     if n > MAX_FRAME_LEN:
         raise FrameFormatError(f"PN532 frames carry at most {MAX_FRAME_LEN} bytes, not {n}")
-    if n <= 254:
+    if n <= MAX_NORMAL_LEN:
         head = bytes((0x00, 0x00, 0xFF, n, (-n) & 0xFF))
     else:
         hi, lo = n >> 8, n & 0xFF
@@ -129,6 +130,7 @@ class Pn532Codec:
             raise ValueError(f"expect_tfi must be 0xD4 or 0xD5, not 0x{expect_tfi:02X}")
         self.expect_tfi = expect_tfi
         self._buf = bytearray()
+        self._dropped = bytearray()  # cut to bound memory; reported (its head) as Garbage
 
     @classmethod
     def for_host(cls) -> Pn532Codec:
@@ -139,15 +141,29 @@ class Pn532Codec:
         return cls(TFI_HOST)
 
     def feed(self, data: bytes) -> None:
-        """Append received bytes; events become available from :meth:`next_event`."""
-        self._buf += data
-        if len(self._buf) > MAX_BUFFERED:
-            # keep the tail: a start code may straddle the cut
-            del self._buf[: len(self._buf) - MAX_BUFFERED]
+        """Append received bytes; events become available from :meth:`next_event`.
+
+        Memory stays bounded without losing frames: past :data:`MAX_BUFFERED` only the bytes
+        before the first start code are dropped (they can never be part of a frame); only a
+        caller that lets :data:`HARD_MAX_BUFFERED` bytes of real frames pile up undrained
+        loses the oldest of them. Dropped bytes are reported (the first 64) as :class:`Garbage`.
+        """
+        buf = self._buf
+        buf += data
+        if len(buf) > MAX_BUFFERED:
+            start = buf.find(START_CODE)
+            cut = start if start >= 0 else len(buf) - (1 if buf.endswith(b"\x00") else 0)
+            if len(buf) - cut > HARD_MAX_BUFFERED:
+                cut = len(buf) - HARD_MAX_BUFFERED
+            if cut > 0:
+                noisy = bytes(b for b in buf[:cut] if b not in _QUIET_BYTES)
+                self._dropped += noisy[: max(0, 64 - len(self._dropped))]
+                del buf[:cut]
 
     def clear(self) -> None:
         """Drop everything buffered (after a timeout, before a fresh command)."""
         self._buf.clear()
+        self._dropped.clear()
 
     @property
     def buffered(self) -> int:
@@ -155,6 +171,10 @@ class Pn532Codec:
 
     def next_event(self) -> Event | None:
         """The next complete event, or None when more bytes are needed."""
+        if self._dropped:
+            dropped = bytes(self._dropped)
+            self._dropped.clear()
+            return Garbage(dropped)
         buf = self._buf
         start = buf.find(START_CODE)
         if start < 0:
