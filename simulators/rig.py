@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +37,7 @@ class ReaderEmulatorProcess:
     ) -> None:
         self.port = Path(port)
         self.cards = list(cards)
-        self.control = control
+        self.control_path = control
         self.extra_args = list(extra_args or [])
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen | None = None
@@ -49,8 +50,8 @@ class ReaderEmulatorProcess:
         cmd = [sys.executable, "-m", "tools.cli", "sim", "reader", "--port", str(self.port)]
         for card in self.cards:
             cmd += ["--card", card]
-        if self.control:
-            cmd += ["--control", self.control]
+        if self.control_path:
+            cmd += ["--control", self.control_path]
         cmd += self.extra_args
         # stderr goes to a file: a pipe nobody reads could fill up and stall the emulator
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the child
@@ -80,6 +81,36 @@ class ReaderEmulatorProcess:
                 self.proc.kill()
                 self.proc.wait(timeout)
         return self.proc.returncode
+
+    def control(self, line: str, timeout: float = 5.0) -> list[str]:
+        """Send one control command over the Unix socket given as ``control`` and return the
+        reply lines; :class:`RigError` on an ``error:`` reply."""
+        if not self.control_path:
+            raise RigError("this emulator was started without a control socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            deadline = time.monotonic() + timeout
+            while True:  # the socket may appear a moment after the port
+                try:
+                    sock.connect(self.control_path)
+                    break
+                except (FileNotFoundError, ConnectionRefusedError):
+                    if time.monotonic() > deadline:
+                        raise RigError(f"no control socket at {self.control_path}") from None
+                    time.sleep(0.02)
+            sock.sendall(line.encode() + b"\n")
+            buf = b""
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    raise RigError(f"control channel closed while answering {line!r}")
+                buf += chunk
+                lines = buf.decode(errors="replace").splitlines()
+                if buf.endswith(b"\n") and lines and lines[-1].startswith(("ok", "error")):
+                    break
+        if lines[-1].startswith("error"):
+            raise RigError(f"control command {line!r} failed: {lines[-1]}")
+        return lines
 
     def stderr_text(self) -> str:
         """What the emulator logged (for a failing test's message)."""

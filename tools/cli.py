@@ -59,8 +59,10 @@ def _register() -> None:
     from tools.bench import bench
     from tools.demo import demo
     from tools.keys_cmd import keys
+    from tools.sim_cmd import sim
 
     main.add_command(keys)
+    main.add_command(sim)
     main.add_command(bench)
     main.add_command(demo)
 

@@ -39,6 +39,7 @@ from .crypto1 import (
     prng_successor,
 )
 from .errors import (
+    AccessBitsError,
     AuthenticationError,
     CodecError,
     CoreError,
@@ -276,7 +277,7 @@ class ClassicReader:
         if not answer:
             raise AuthenticationError(
                 f"card did not accept the reader's answer (AUTH-{kt.value}, block {block}): "
-                "wrong key or wrong key type for this sector"
+                "wrong key or wrong key type for this sector, or the card left the field"
             )
         if answer.length == 4:
             raise AuthenticationError(
@@ -486,8 +487,10 @@ class ClassicCard:
         """A trailer as a reader sees it: keys and unreadable fields masked out."""
         sector = layout.sector_of(block, self.card_type)
         raw = self._trailer(sector)
-        cond = self._conditions(sector).trailer
-        kt = self.auth_key_type
+        conds = self._conditions(sector)
+        if conds is None:
+            raise AccessBitsError(f"sector {sector} is blocked: its access bits are corrupt")
+        cond, kt = conds.trailer, self.auth_key_type
         out = bytearray(16)  # key A is never readable
         if layout.trailer_permits(cond, "access_bits", "read", kt):
             out[6:10] = raw[6:10]
@@ -500,8 +503,10 @@ class ClassicCard:
         their old bytes, as on the chip."""
         sector = layout.sector_of(block, self.card_type)
         raw = bytearray(self._trailer(sector))
-        cond = self._conditions(sector).trailer
-        kt = self.auth_key_type
+        conds = self._conditions(sector)
+        if conds is None:
+            raise AccessBitsError(f"sector {sector} is blocked: its access bits are corrupt")
+        cond, kt = conds.trailer, self.auth_key_type
         fields = (("key_a", 0, 6), ("access_bits", 6, 10), ("key_b", 10, 16))
         for name, lo, hi in fields:
             if layout.trailer_permits(cond, name, "write", kt):
@@ -510,13 +515,22 @@ class ClassicCard:
 
     # -- framing helpers --------------------------------------------------------------------
 
-    def _nack(self, code: int) -> BitFrame:
+    def _four_bits(self, code: int) -> BitFrame:
         if self.cipher is not None:
             return encrypt_bits(self.cipher, code, 4)
         return BitFrame(code, 4)
 
+    def _nack(self, code: int) -> BitFrame:
+        """A NACK, after which the chip drops its session and falls back to IDLE: the
+        reader must select and authenticate again (why nfc-mfclassic re-selects after a
+        failed block)."""
+        frame = self._four_bits(code)
+        self.cipher = None
+        self.state = CardState.ABORTED
+        return frame
+
     def _ack(self) -> BitFrame:
-        return self._nack(ACK)
+        return self._four_bits(ACK)
 
     def _answer(self, data: bytes) -> BitFrame:
         return encrypt_frame(self.cipher, data) if self.cipher else encode(data)

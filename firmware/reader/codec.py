@@ -169,6 +169,12 @@ class Pn532Codec:
     def buffered(self) -> int:
         return len(self._buf)
 
+    @property
+    def in_frame(self) -> bool:
+        """Whether a frame has started but not completed (after :meth:`next_event` returned
+        None): a peer that then goes quiet lost the frame's tail on the line."""
+        return len(self._buf) >= 3 and self._buf.startswith(START_CODE)
+
     def next_event(self) -> Event | None:
         """The next complete event, or None when more bytes are needed."""
         if self._dropped:

@@ -122,8 +122,10 @@ class Register(IntEnum):
     CIU_TX_CONTROL = 0x6304
     CIU_MANUAL_RCV = 0x630D  # bit 4 ParityDisable
     CIU_COMMAND = 0x6331
-    CIU_COMM_IRQ = 0x6333
-    CIU_DIV_IRQ = 0x6334
+    CIU_COMM_IEN = 0x6332
+    CIU_DIV_IEN = 0x6333
+    CIU_COMM_IRQ = 0x6334
+    CIU_DIV_IRQ = 0x6335
     CIU_ERROR = 0x6336
     CIU_STATUS1 = 0x6337
     CIU_STATUS2 = 0x6338  # bit 3 MFCrypto1On

@@ -155,7 +155,10 @@ class Pn532:
 
     # -- the exchange ---------------------------------------------------------------------
 
-    def _next_event(self, deadline: float):
+    def _next_event(self, deadline: float, stall: float | None = None):
+        """The next event before ``deadline``; None at the deadline, or earlier when a
+        frame has started and no byte arrived for ``stall`` seconds (its tail was lost)."""
+        last_byte = time.monotonic()
         while True:
             event = self.codec.next_event()
             if event is not None:
@@ -163,11 +166,15 @@ class Pn532:
                     log.debug("skipped %d garbage bytes on the reader line", len(event.data))
                     continue
                 return event
-            data = self.transport.read(deadline)
+            until = deadline
+            if stall is not None and self.codec.in_frame:
+                until = min(deadline, last_byte + stall)
+            data = self.transport.read(until)
             if not data:
-                if time.monotonic() >= deadline:
+                if time.monotonic() >= until:
                     return None
                 continue
+            last_byte = time.monotonic()
             self.codec.feed(data)
 
     def command(self, command: int, params: bytes = b"", *, timeout: float | None = None) -> bytes:
@@ -181,16 +188,20 @@ class Pn532:
         name = _command_name(command)
         self.codec.clear()
         self.transport.discard_input()
+        response: Frame | None = None
         for attempt in range(self.retries + 1):
             self.transport.write(frame)
-            event = self._next_event(time.monotonic() + self.ack_timeout)
+            event = self._await_ack(time.monotonic() + self.ack_timeout)
             if isinstance(event, Ack):
+                break
+            if isinstance(event, Frame) and event.command == (command + 1) & 0xFF:
+                response = event  # the ACK was lost on the line, the answer was not
                 break
             if isinstance(event, ErrorFrame):
                 raise ApplicationError(f"PN532 rejected {name}: error frame (bad parameters)")
             log.debug("no ACK for %s (attempt %d): %s", name, attempt + 1, event)
         else:
-            if isinstance(event, Nack | BadFrame):
+            if isinstance(event, Nack):
                 raise ReaderNacked(
                     f"PN532 did not accept {name} after {self.retries + 1} tries: "
                     "the serial line corrupts frames (check cable and baud rate)"
@@ -199,11 +210,21 @@ class Pn532:
                 f"PN532 did not acknowledge {name}: no answer on {self.transport.url} "
                 "(check power, cable and baud rate)"
             )
+        if response is not None:
+            return response.params
         deadline = time.monotonic() + timeout
         nacks = 0
         while True:
-            event = self._next_event(deadline)
+            # a frame that started but went quiet lost its tail: do not wait for the deadline
+            event = self._next_event(deadline, stall=self.ack_timeout)
             if event is None:
+                if self.codec.in_frame and nacks < self.retries:
+                    nacks += 1
+                    self.codec.clear()
+                    self.transport.write(NACK_FRAME)  # ask the chip for its response again
+                    continue
+                if time.monotonic() < deadline:
+                    continue
                 self.transport.write(ACK_FRAME)  # abort the command so the chip is free
                 raise ReaderTimeout(f"PN532 did not answer {name} within {timeout:.3g} s")
             if isinstance(event, Frame):
@@ -217,9 +238,19 @@ class Pn532:
                 if nacks >= self.retries:
                     raise ReaderNacked(f"the response to {name} kept arriving corrupted")
                 nacks += 1
+                self.codec.clear()
                 self.transport.write(NACK_FRAME)  # ask for the response again
                 continue
             # a stray ACK/NACK while waiting for a response: ignore it
+
+    def _await_ack(self, deadline: float):
+        """The chip's answer to a command frame: ACK, NACK, its error frame or (the ACK lost)
+        the response itself. Line noise and broken frames are skipped, not answered: the
+        chip will still send its ACK. None at the deadline."""
+        while True:
+            event = self._next_event(deadline)
+            if event is None or not isinstance(event, BadFrame):
+                return event
 
     def wake_up(self) -> None:
         """Wake the chip (HSU) and leave SAM in normal mode, as every driver does first."""
@@ -450,7 +481,8 @@ class ChipCryptoClassic:
         except CommandFailed as exc:
             if exc.status == Status.TIMEOUT:
                 raise NoResponseError(f"card did not answer {what}: card removed") from exc
-            if exc.status == Status.MIFARE_AUTH_ERROR:
+            if exc.status in (Status.MIFARE_AUTH_ERROR, Status.DEP_INVALID_FORMAT):
+                # the chip reports a card's 4-bit NACK as "invalid received frame" (0x13)
                 detail = describe_status(exc.status)
                 raise NackError(0x4, f"card refused {what} ({detail})") from exc
             raise

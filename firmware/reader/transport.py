@@ -9,6 +9,7 @@ one string, and nothing above this module knows which it got.
 from __future__ import annotations
 
 import contextlib
+import termios
 import time
 
 import serial
@@ -16,6 +17,8 @@ import serial
 from .errors import ReaderUnavailable
 
 DEFAULT_BAUDRATE = 115200
+# a vanished pty or USB-UART surfaces as any of these, depending on the call
+_PORT_ERRORS = (serial.SerialException, OSError, termios.error)
 
 
 class SerialTransport:
@@ -38,7 +41,7 @@ class SerialTransport:
             self._port.write(data)
             self._port.flush()
             self.bytes_written += len(data)
-        except (serial.SerialException, OSError) as exc:
+        except _PORT_ERRORS as exc:
             raise ReaderUnavailable(f"reader port {self.url} failed on write: {exc}") from exc
 
     def read(self, deadline: float) -> bytes:
@@ -53,7 +56,7 @@ class SerialTransport:
             data = self._port.read(waiting or 1)
             self.bytes_read += len(data)
             return data
-        except (serial.SerialException, OSError) as exc:
+        except _PORT_ERRORS as exc:
             raise ReaderUnavailable(
                 f"reader port {self.url} failed on read: {exc} (reader unplugged?)"
             ) from exc
@@ -62,9 +65,9 @@ class SerialTransport:
         """Drop stale bytes (a late answer to a timed-out command)."""
         try:
             self._port.reset_input_buffer()
-        except (serial.SerialException, OSError) as exc:
+        except _PORT_ERRORS as exc:
             raise ReaderUnavailable(f"reader port {self.url} failed: {exc}") from exc
 
     def close(self) -> None:
-        with contextlib.suppress(serial.SerialException, OSError):
+        with contextlib.suppress(*_PORT_ERRORS):
             self._port.close()
