@@ -82,13 +82,15 @@ def test_rides_fill_the_trip_ring_and_keep_the_balance():
     for i in range(5):
         purse = rig.tap()
         snap = purse.read()
-        new = purse.apply(snap, ride(1500, NOW + 600 * i, line=10 + i))
+        new = purse.apply(snap, ride(1500, NOW + 600 * i, line=10 + i), day_spent=1500 * (i + 1))
         assert new.counter == i + 1
         assert new.balance == 10_000 - 1500 * (i + 1)
     snap = rig.snapshot()
     assert snap.balance == 10_000 - 5 * 1500 and snap.counter == 5
     assert [t.line_id for t in snap.recent_trips()] == [14, 13]
     assert snap.record.day_spent == 5 * 1500
+    assert snap.view().balance == snap.balance and snap.view().day_spent == 5 * 1500
+    assert [t.line_id for t in snap.view().trips] == [14, 13]
 
 
 def test_topup_with_key_b_and_validators_cannot_add_value():

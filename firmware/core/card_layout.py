@@ -32,7 +32,8 @@ from __future__ import annotations
 import hmac
 import struct
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import date, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 from . import classic_layout as layout
 from .errors import CodecError
@@ -62,14 +63,18 @@ IDENTITY_MAC_LEN = 8
 PASS_MAC_LEN = 7
 
 
+LOCAL_TZ = ZoneInfo("Europe/Istanbul")  # card dates are the dates printed on the card
+
+
 def day_number(ts: int) -> int:
-    """Days since 2000-01-01 (UTC) for a unix time: how dates are stored on the card."""
-    return (datetime.fromtimestamp(ts, UTC).date() - EPOCH).days
+    """Days since 2000-01-01 of the local date of a unix time: how dates are stored."""
+    return (datetime.fromtimestamp(ts, LOCAL_TZ).date() - EPOCH).days
 
 
 def day_start(days: int) -> int:
-    """The unix time of the start (00:00 UTC) of stored day ``days``."""
-    return int(datetime(2000, 1, 1, tzinfo=UTC).timestamp()) + days * 86400
+    """The unix time of local midnight at the start of stored day ``days``."""
+    d = EPOCH + timedelta(days=days)
+    return int(datetime(d.year, d.month, d.day, tzinfo=LOCAL_TZ).timestamp())
 
 
 def _u16_day(ts: int | None, what: str) -> int:
@@ -159,8 +164,8 @@ class Identity:
     card_type: int  # the fare engine's CardType code
     issuer: int  # u8: 1 = KONYAKART office, 2.. = other issuing points
     issued: int  # unix time
-    expires: int  # unix time: the card itself
-    discount_until: int | None  # unix time the discount must be re-validated by; None: no discount
+    expires: int  # unix time (exclusive): the card itself; stored as its local date
+    discount_until: int | None  # unix time (exclusive) of the yearly re-validation; None: none
     key_version: int  # u8: which generation of master keys this card's keys came from
     holder_ref: bytes  # 8 bytes: reference to the holder's file at the office (not personal data)
 
@@ -193,9 +198,11 @@ class Identity:
         if not macs.check("identity", b4 + b5[:8], b5[8:16]):
             raise CardForged("identity MAC does not verify: card type or dates were altered")
         number, ctype, issuer, issued, expires, discount, kv = cls._FMT.unpack(b4[:13])
+        # "valid until" dates are inclusive on the card and exclusive (next local midnight)
+        # for the fare engine
         return cls(
-            number, ctype, issuer, day_start(issued), day_start(expires) + 86399,
-            day_start(discount) + 86399 if discount else None, kv, bytes(b5[:8]),
+            number, ctype, issuer, day_start(issued), day_start(expires + 1),
+            day_start(discount + 1) if discount else None, kv, bytes(b5[:8]),
         )
 
 

@@ -32,22 +32,22 @@ way no tear produces) is a forged or rolled-back card: :class:`CardForged`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from enum import StrEnum
-from zoneinfo import ZoneInfo
 
 from . import card_layout as cl
 from . import classic_layout as layout
 from .card_layout import CardForged, CardMacs, Identity, PassBlock, PurseRecord
 from .errors import CodecError, CoreError
-from .fares import TripRecord
+from .fares import CardType as FareCardType
+from .fares import CardView, PassProduct, TripRecord
 from .keys import KeyStore
 from .mifare import ClassicAccess
 
 PRODUCT_PURSE, PRODUCT_PASS, PRODUCT_FREE, PRODUCT_TOPUP, PRODUCT_REPAIR = 0, 1, 2, 3, 4
 EMPTY_TRIP = bytes(16)
-LOCAL_TZ = ZoneInfo("Europe/Istanbul")
 TRANSPORT_KEY = bytes.fromhex("FFFFFFFFFFFF")
 
 
@@ -91,17 +91,11 @@ def topup_trip(counter: int, now: int, terminal_id: int, amount: int) -> TripRec
     )
 
 
-def local_day(ts: int) -> int:
-    """The local (Europe/Istanbul) calendar day of a unix time, as an ordinal."""
-    return datetime.fromtimestamp(ts, UTC).astimezone(LOCAL_TZ).toordinal()
-
-
-def day_spent_after(record: PurseRecord, newest: TripRecord | None, trip: TripRecord) -> int:
-    """The purse record's day spend after ``trip``: it restarts on a new local day."""
-    spent = max(0, -purse_delta(trip))
-    if newest is not None and local_day(newest.time) == local_day(trip.time):
-        spent += record.day_spent
-    return min(spent, 0xFFFF)
+def unchanged_day_spent(snap: CardSnapshot, trip: TripRecord) -> int:
+    """The day spend a roll-forward keeps when the caller has no fare engine at hand: the
+    old value. It can only under-count the day (in the rider's favour), never over-charge;
+    a validator passes the engine's own rule instead."""
+    return snap.record.day_spent
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +135,24 @@ class CardSnapshot:
     def newest_trip(self) -> TripRecord | None:
         found = self.trip_with_counter(self.record.counter)
         return found[1] if found else None
+
+    def view(self) -> CardView:
+        """The fare engine's view of this card."""
+        ident = self.identity
+        pass_block = self.pass_block
+        return CardView(
+            card_number=ident.card_number,
+            card_type=FareCardType.from_code(ident.card_type),
+            discount_valid_until=ident.discount_until,
+            card_expires=ident.expires,
+            blocked=self.blocked,
+            balance=self.record.balance,
+            pass_product=None if pass_block is None else PassProduct(
+                pass_block.product_id, pass_block.valid_from, pass_block.valid_until
+            ),
+            trips=self.recent_trips(),
+            day_spent=self.record.day_spent,
+        )
 
     def recent_trips(self) -> tuple[TripRecord, ...]:
         """Committed trips (counter <= the record's), newest first."""
@@ -247,13 +259,18 @@ class Purse:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def repair(self, snap: CardSnapshot) -> CardSnapshot:
-        """Finish an interrupted update (roll forward); a consistent card is returned as is."""
+    def repair(
+        self,
+        snap: CardSnapshot,
+        day_spent: Callable[[CardSnapshot, TripRecord], int] = unchanged_day_spent,
+    ) -> CardSnapshot:
+        """Finish an interrupted update (roll forward); a consistent card is returned as is.
+
+        ``day_spent`` gives the record's day spend after the pending trip (the fare engine's
+        rule; the default keeps the old value)."""
         if snap.state is PurseState.ROLL_FORWARD_RECORD:
             trip = snap.pending
-            new = PurseRecord(
-                trip.counter, snap.purse, day_spent_after(snap.record, snap.newest_trip, trip)
-            )
+            new = PurseRecord(trip.counter, snap.purse, min(day_spent(snap, trip), 0xFFFF))
             self._in(cl.PURSE_SECTOR)
             self.access.write(cl.BLOCK_RECORD, new.block(self.macs, trip.to_bytes()))
             self.access.restore(cl.BLOCK_PURSE)
@@ -268,9 +285,12 @@ class Purse:
             return replace(snap, backup=snap.purse, state=PurseState.CONSISTENT)
         return snap
 
-    def apply(self, snap: CardSnapshot, trip: TripRecord) -> CardSnapshot:
+    def apply(
+        self, snap: CardSnapshot, trip: TripRecord, day_spent: int | None = None
+    ) -> CardSnapshot:
         """Write one purse change (a ride, free or paid, or a top-up) with the tear-safe
-        protocol. ``trip.counter`` is set here to the card's counter + 1."""
+        protocol. ``trip.counter`` is set here to the card's counter + 1; ``day_spent`` is
+        the fare engine's new day spend (None keeps the old one: top-ups, repairs)."""
         if snap.state not in (PurseState.CONSISTENT, PurseState.GHOST_TRIP):
             raise CardNeedsService("repair the card before changing it")
         trip = replace(trip, counter=snap.record.counter + 1)
@@ -291,9 +311,8 @@ class Purse:
             self.access.increment(cl.BLOCK_PURSE, delta)
             self.access.transfer(cl.BLOCK_PURSE)
         # 3. the record, binding counter, balance and the new trip
-        new = PurseRecord(
-            trip.counter, snap.purse + delta, day_spent_after(snap.record, snap.newest_trip, trip)
-        )
+        spent = snap.record.day_spent if day_spent is None else min(day_spent, 0xFFFF)
+        new = PurseRecord(trip.counter, snap.purse + delta, spent)
         self.access.write(cl.BLOCK_RECORD, new.block(self.macs, trip.to_bytes()))
         # 4. the backup follows
         if delta:
