@@ -1,0 +1,1 @@
+"""Device applications: the on-bus validator and the bayi top-up terminal."""

@@ -1,0 +1,384 @@
+"""The on-bus validator: poll, read, decide, journal, write, show — offline, in milliseconds.
+
+One tap (:meth:`Validator.tap`):
+
+1. a card arrives (:mod:`.cards`); a UID with too many failed authentications lately is
+   refused before any authentication (an emulated card cannot harvest nonces at will);
+2. the card is read and checked (:class:`~firmware.core.purse.Purse`): MACs, purse state;
+   a forged card is journaled and blocked;
+3. an interrupted earlier update is finished (roll forward) and journaled as a repair; this
+   device's own open intents for the card are settled from the card's counter and trip log;
+4. a card whose counter is below what this device has already seen is a rolled-back or cloned
+   card: refused, journaled, blocked; a blacklisted card likewise;
+5. pending online loads (the action list) are applied, each exactly once;
+6. the fare engine decides (a pure function); a refusal is journaled as an event and shown;
+7. the journal's *intent* is made durable, the card is written (tear-safe protocol), the
+   *done* record follows; the display shows the fare and the new balance.
+
+If the journal cannot be written (disk full, database error) the validator charges nothing:
+it shows "out of service" and tries again at the next poll, recovering by itself when the
+store accepts writes again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from firmware.core import fares
+from firmware.core.card_layout import CardForged, PassBlock
+from firmware.core.errors import AuthenticationError, CoreError
+from firmware.core.fares import Decision, FareTable, Reason, TripRecord, ValidatorContext
+from firmware.core.keys import KeyStore
+from firmware.core.mifare import ClassicAccess
+from firmware.core.purse import (
+    PRODUCT_PASS,
+    PRODUCT_TOPUP,
+    CardNeedsService,
+    CardSnapshot,
+    Purse,
+    PurseState,
+    topup_trip,
+)
+from firmware.stores.errors import StoreUnavailable
+from firmware.stores.journal import KIND_ACTION_APPLIED, KIND_REJECTION, KIND_REPAIR, KIND_TAP
+from firmware.stores.ratelimit import AuthFailureLimiter
+
+from .cards import CardSource
+from .clock import GuardedClock
+from .ui import Signal, Ui
+
+log = logging.getLogger("afc.validator")
+
+
+def masked(uid: bytes) -> str:
+    """A UID for logs: its last two bytes only."""
+    return "…" + uid[-2:].hex().upper()
+
+
+def tl(kurus: int) -> str:
+    return f"{kurus // 100},{kurus % 100:02d} TL"
+
+
+@dataclass(frozen=True)
+class ValidatorConfig:
+    """What a validator is and where it runs (``[device]`` of its TOML configuration)."""
+
+    device_id: str
+    validator_id: int
+    vehicle_id: int
+    line_id: int
+    line_group: str  # the tariff network of the line (e.g. "merkez" in the Konya tariff)
+    direction: int = 0
+    vehicle_validator_ids: frozenset[int] = frozenset()
+    tariff: str = "konya-2025"  # a shipped tariff name or a TOML path
+    reader_mode: str = "transparent"
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> ValidatorConfig:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise CoreError(f"cannot read validator configuration {path}: {exc}") from exc
+        device = data.get("device", {})
+        try:
+            return cls(
+                device_id=str(device["id"]),
+                validator_id=int(device["validator_id"]),
+                vehicle_id=int(device["vehicle_id"]),
+                line_id=int(device["line_id"]),
+                line_group=str(device.get("line_group", "merkez")),
+                direction=int(device.get("direction", 0)),
+                vehicle_validator_ids=frozenset(device.get("other_validators", [])),
+                tariff=str(data.get("tariff", {}).get("name", "konya-2025")),
+                reader_mode=str(data.get("reader", {}).get("mode", "transparent")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CoreError(
+                f"validator configuration {path}: [device] needs id, validator_id, vehicle_id "
+                f"and line_id ({exc})"
+            ) from exc
+
+    def context(self) -> ValidatorContext:
+        return ValidatorContext(
+            validator_id=self.validator_id, vehicle_id=self.vehicle_id, line_id=self.line_id,
+            line_group=self.line_group, direction=self.direction,
+            vehicle_validator_ids=self.vehicle_validator_ids,
+        )
+
+
+def load_tariff(name_or_path: str) -> FareTable:
+    from firmware.core import tariffs
+
+    if name_or_path in tariffs.available():
+        return tariffs.load(name_or_path)
+    return FareTable.from_toml(Path(name_or_path))
+
+
+@dataclass
+class TapOutcome:
+    """What one tap did (for the display, the tests and the HIL reconciliation)."""
+
+    uid: bytes
+    reason: Reason | None = None
+    accepted: bool = False
+    fare: int = 0
+    balance: int | None = None
+    card_number: int | None = None
+    counter: int | None = None
+    seqs: list[int] = field(default_factory=list)
+    note: str = ""
+
+
+class Validator:
+    def __init__(
+        self,
+        config: ValidatorConfig,
+        cards: CardSource,
+        db,
+        keys: KeyStore,
+        table: FareTable,
+        ui: Ui,
+        clock: GuardedClock | None = None,
+        limiter: AuthFailureLimiter | None = None,
+    ) -> None:
+        self.config = config
+        self.ctx = config.context()
+        self.cards = cards
+        self.db = db
+        self.keys = keys
+        self.table = table
+        self.ui = ui
+        self.clock = clock or GuardedClock(lambda: None, lambda t: None)
+        self.limiter = limiter or AuthFailureLimiter()
+        self.out_of_service = False
+
+    # -- journal helpers ------------------------------------------------------------------
+
+    def _base(self, snap: CardSnapshot | None, uid: bytes, now: int) -> dict:
+        rec = {
+            "time": now * 1000,
+            "uid": uid,
+            "line": str(self.config.line_id),
+            "vehicle": str(self.config.vehicle_id),
+            "validator_id": str(self.config.validator_id),
+        }
+        if snap is not None:
+            rec.update(card_number=snap.identity.card_number, counter_before=snap.counter,
+                       balance_before=snap.balance)
+        return rec
+
+    def _event(self, snap, uid, now, reason: Reason, outcome: str, out: TapOutcome) -> None:
+        seq = self.db.journal.event(
+            {**self._base(snap, uid, now), "kind": KIND_REJECTION, "reason": reason.code,
+             "outcome": outcome}
+        )
+        out.seqs.append(seq)
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def poll(self) -> TapOutcome | None:
+        """One turn of the loop: process the card in the field, if a new one arrived."""
+        access = self.cards.next_card()
+        if access is None:
+            return None
+        return self.tap(access)
+
+    def tap(self, access: ClassicAccess) -> TapOutcome:
+        uid = bytes(access.uid)
+        now = self.clock.now()
+        out = TapOutcome(uid)
+        try:
+            self._tap(access, uid, now, out)
+            if self.out_of_service:
+                self.out_of_service = False
+                log.info("validator %s back in service", self.config.device_id)
+        except StoreUnavailable as exc:
+            self.out_of_service = True
+            out.note = "out of service"
+            log.error("validator %s out of service: %s", self.config.device_id, exc)
+            self.ui.show("HİZMET DIŞI", "Out of service", Signal.OUT_OF_SERVICE)
+            self.cards.forget()
+        return out
+
+    def _tap(self, access: ClassicAccess, uid: bytes, now: int, out: TapOutcome) -> None:
+        if self.limiter.auth_blocked(uid, now):
+            out.note = "rate-limited"
+            self.ui.show("Kart okunamadı", "Card not readable", Signal.REJECT)
+            return
+        purse = Purse(access, self.keys)
+        try:
+            snap = purse.read()
+        except AuthenticationError:
+            self.limiter.note_auth_failure(uid, now)
+            out.note = "not our card"
+            log.info("tap uid=%s: authentication failed (not a fare card?)", masked(uid))
+            self.ui.show("Geçersiz kart", "Invalid card", Signal.REJECT)
+            return
+        except CardForged as exc:
+            out.note = f"forged: {exc}"
+            log.warning("tap uid=%s: forged card: %s", masked(uid), exc)
+            self._event(None, uid, now, Reason.CARD_BLOCKED, "forged", out)
+            self._try_block(purse)
+            self.ui.show("Kart bloke", "Card blocked", Signal.REJECT)
+            return
+        except CoreError as exc:
+            out.note = f"read failed: {exc}"
+            self.cards.forget()
+            self.ui.show("Tekrar okutun", "Tap again", Signal.REJECT)
+            return
+        out.card_number, out.counter, out.balance = snap.identity.card_number, snap.counter, \
+            snap.balance
+        try:
+            self._process(purse, snap, uid, now, out)
+        except (CardNeedsService, CardForged) as exc:
+            out.note = str(exc)
+            self.ui.show("Bilet gişesine", "See ticket office", Signal.REJECT)
+        except StoreUnavailable:
+            raise
+        except CoreError as exc:
+            # the card left the field (or a bit error) mid-update: the intent stays open and
+            # the card's counter settles it at the next tap
+            out.note = f"write interrupted: {exc}"
+            log.info("tap card=%s: interrupted: %s", snap.identity.card_number, exc)
+            self.cards.forget()
+            self.ui.show("Tekrar okutun", "Tap again", Signal.REJECT)
+
+    def _process(self, purse: Purse, snap: CardSnapshot, uid: bytes, now: int,
+                 out: TapOutcome) -> None:
+        journal = self.db.journal
+        number = snap.identity.card_number
+        # finish an interrupted update, from the card alone
+        if snap.state in (PurseState.ROLL_FORWARD_RECORD, PurseState.ROLL_FORWARD_BACKUP):
+            seq = journal.intent({**self._base(snap, uid, now), "kind": KIND_REPAIR,
+                                  "counter_after": snap.counter + (
+                                      1 if snap.state is PurseState.ROLL_FORWARD_RECORD else 0),
+                                  "balance_after": snap.purse})
+            snap = purse.repair(snap, day_spent=self._repair_day_spent)
+            journal.done(seq, "ok", counter_after=snap.counter, balance_after=snap.balance)
+            out.seqs.append(seq)
+        self._settle_open_intents(snap, now)
+        # rolled back or cloned: the card is behind what this device has already seen
+        seen = journal.last_counter(number)
+        if seen is not None and snap.counter < seen:
+            log.warning("card=%s counter %d below %d seen here: rollback or clone",
+                        number, snap.counter, seen)
+            self._event(snap, uid, now, Reason.CARD_BLOCKED, "rolled-back", out)
+            self._try_block(purse)
+            out.reason = Reason.CARD_BLOCKED
+            self.ui.show("Kart bloke", "Card blocked", Signal.REJECT)
+            return
+        blacklisted = self.db.blacklist.lookup(number) is not None
+        if not blacklisted and not snap.blocked:
+            snap = self._apply_actions(purse, snap, uid, now, out)
+        decision = fares.decide(snap.view(), self.table, now, self.ctx, 1,
+                                blacklisted=blacklisted)
+        out.reason, out.accepted = decision.reason, decision.accepted
+        if not decision.accepted:
+            if decision.reason is not Reason.ALREADY_VALIDATED:
+                self._event(snap, uid, now, decision.reason, "declined", out)
+            if decision.reason is Reason.BLACKLISTED and not snap.blocked:
+                self._try_block(purse)
+            self.ui.show(decision.reason.message_tr, decision.reason.message_en,
+                         Signal.INFO if decision.reason is Reason.ALREADY_VALIDATED
+                         else Signal.REJECT)
+            return
+        self._charge(purse, snap, decision, uid, now, out)
+
+    def _charge(self, purse: Purse, snap: CardSnapshot, decision: Decision, uid: bytes,
+                now: int, out: TapOutcome) -> None:
+        trip = decision.trip
+        seq = self.db.journal.intent({
+            **self._base(snap, uid, now), "kind": KIND_TAP,
+            "counter_after": snap.counter + 1, "balance_after": snap.balance - decision.fare,
+            "fare": decision.fare, "product": trip.flags & 0x0F, "reason": decision.reason.code,
+        })
+        out.seqs.append(seq)
+        new = purse.apply(snap, trip, decision.day_spent)
+        self.db.journal.done(seq, "ok", counter_after=new.counter, balance_after=new.balance)
+        out.fare, out.balance, out.counter = decision.fare, new.balance, new.counter
+        line2 = f"Bakiye {tl(new.balance)}"
+        if trip.flags & 0x0F == PRODUCT_PASS:
+            line2 = "Abonman"
+        notice = decision.notice
+        signal = Signal.INFO if notice is not None else Signal.OK
+        self.ui.show(f"{decision.reason.message_tr} {tl(decision.fare)}", line2, signal)
+
+    def _repair_day_spent(self, snap: CardSnapshot, trip: TripRecord) -> int:
+        # the holder's own share of a torn ride is not recoverable without the tariff's leg
+        # fare; keep the old day spend (never over-counts against the rider)
+        return snap.record.day_spent
+
+    def _settle_open_intents(self, snap: CardSnapshot, now: int) -> None:
+        """Close this device's intents for this card: done if the card shows the update,
+        not-charged if it does not."""
+        journal = self.db.journal
+        for intent in journal.open_intents():
+            if intent.card_number != snap.identity.card_number:
+                continue
+            target = intent.counter_after
+            found = snap.trip_with_counter(target) if target is not None else None
+            if target is not None and snap.counter >= target and (
+                found is not None or snap.counter > target
+            ):
+                journal.done(intent.seq, "ok-late", counter_after=target,
+                             balance_after=intent.balance_after, time=now * 1000)
+            else:
+                journal.done(intent.seq, "not-charged", counter_after=snap.counter,
+                             balance_after=snap.balance, time=now * 1000)
+
+    def _apply_actions(self, purse: Purse, snap: CardSnapshot, uid: bytes, now: int,
+                       out: TapOutcome) -> CardSnapshot:
+        """Online loads waiting for this card: each written and reported exactly once.
+
+        Loading value needs key B (INCREMENT); a validator's key store holds it for this
+        purpose (in production, a SAM that only performs increments for signed actions)."""
+        actions = self.db.actions.pending_for(snap.identity.card_number, now * 1000)
+        for action in actions:
+            loader = Purse(purse.access, self.keys, key_type="B")
+            base = {**self._base(snap, uid, now), "kind": KIND_ACTION_APPLIED,
+                    "action_id": action.action_id}
+            if action.kind == "topup":
+                amount = action.amount or 0
+                if amount <= 0 or snap.balance + amount > self.table.max_balance:
+                    log.info("action %s for card=%s skipped: balance would pass the maximum",
+                             action.action_id, snap.identity.card_number)
+                    continue
+                seq = self.db.journal.intent({
+                    **base, "counter_after": snap.counter + 1,
+                    "balance_after": snap.balance + amount, "fare": -amount,
+                    "product": PRODUCT_TOPUP,
+                })
+                snap = loader.apply(snap, topup_trip(0, now, self.config.validator_id, amount))
+            elif action.kind == "pass" and action.product_id is not None:
+                product = self.table.pass_for(action.product_id, now)
+                seq = self.db.journal.intent({**base, "product": PRODUCT_PASS,
+                                              "counter_after": snap.counter})
+                block = PassBlock(action.product_id, product.valid_from, product.valid_until)
+                loader.write_pass(block)
+                snap = replace(snap, pass_block=block)
+            else:
+                continue
+            self.db.journal.done(seq, "ok", apply_action=True, counter_after=snap.counter,
+                                 balance_after=snap.balance)
+            out.seqs.append(seq)
+        return snap
+
+    def _try_block(self, purse: Purse) -> None:
+        try:
+            purse.block_card()
+        except CoreError as exc:
+            log.info("could not write the blocked flag: %s", exc)
+
+    def run(self, *, stop=lambda: False, idle_sleep: float = 0.05) -> None:
+        """Poll until ``stop()`` is true."""
+        while not stop():
+            try:
+                if self.poll() is None:
+                    time.sleep(idle_sleep)
+            except CoreError as exc:
+                log.warning("validator %s: %s", self.config.device_id, exc)
+                time.sleep(idle_sleep)
