@@ -56,6 +56,7 @@ def main() -> None:
 
 
 def _register() -> None:
+    from tools.apps_cmd import topup, validator
     from tools.bench import bench
     from tools.demo import demo
     from tools.keys_cmd import keys
@@ -65,6 +66,8 @@ def _register() -> None:
     main.add_command(sim)
     main.add_command(bench)
     main.add_command(demo)
+    main.add_command(validator)
+    main.add_command(topup)
 
 
 _register()

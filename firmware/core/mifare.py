@@ -19,6 +19,7 @@ initialised with the UID's last four bytes.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 from collections.abc import Callable
@@ -413,6 +414,19 @@ class TagNonces:
         return self._x
 
 
+@functools.lru_cache(maxsize=256)
+def _decoded_access_bits(raw: bytes) -> layout.AccessConditions | None:
+    # The card checks its access bits on every command, as the chip does; decoding them is
+    # a pure function of three bytes, so a card in a tight loop pays for it once.
+    try:
+        return layout.decode_access_bits(raw)
+    except CoreError:
+        return None
+
+
+_block_permits = functools.lru_cache(maxsize=4096)(layout.block_permits)
+
+
 class ClassicCard:
     """The card (PICC) side of MIFARE Classic after selection, as a sans-I/O state machine.
 
@@ -467,10 +481,7 @@ class ClassicCard:
     def _conditions(self, sector: int) -> layout.AccessConditions | None:
         """The sector's access conditions, or None when its access bits are corrupt: the
         chip then blocks the sector."""
-        try:
-            return layout.decode_access_bits(self._trailer(sector)[6:9])
-        except CoreError:
-            return None
+        return _decoded_access_bits(self._trailer(sector)[6:9])
 
     def _permits(self, block: int, operation: str) -> bool:
         """Whether the authenticated key may do ``operation`` on ``block`` (the datasheet
@@ -481,7 +492,7 @@ class ClassicCard:
         conds = self._conditions(sector)
         if conds is None:
             return False
-        return layout.block_permits(conds, block, operation, self.auth_key_type, self.card_type)
+        return _block_permits(conds, block, operation, self.auth_key_type, self.card_type)
 
     def _read_trailer(self, block: int) -> bytes:
         """A trailer as a reader sees it: keys and unreadable fields masked out."""

@@ -1,0 +1,233 @@
+"""The bayi (dealer) top-up terminal: load stored value or sell a monthly pass.
+
+The dealer sells value the city has not been paid for yet, so every load is bounded by a
+credit allowance the center issued and signed (Ed25519, checked against the pinned center
+key), by a per-day limit, and by the card's maximum balance. What the dealer has used is
+not a counter that could drift: it is the sum of the top-ups in the terminal's own journal,
+whose records are MAC'd by the terminal and sequence-numbered for the center.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from firmware.core.card_layout import PassBlock
+from firmware.core.errors import CoreError
+from firmware.core.fares import FareTable
+from firmware.core.keys import KeyStore
+from firmware.core.mifare import ClassicAccess
+from firmware.core.purse import PRODUCT_PASS, PRODUCT_TOPUP, Purse, PurseState, topup_trip
+from firmware.stores.journal import KIND_TOPUP
+
+from .ui import Signal, Ui
+from .validator import masked, tl
+
+LOCAL_TZ_NAME = "Europe/Istanbul"
+
+
+class TopupRefused(CoreError):
+    """A top-up the terminal must not do: over the credit, the day's limit or the card's
+    maximum balance, or an invalid allowance. The message is shown to the dealer."""
+
+
+@dataclass(frozen=True)
+class CreditAllowance:
+    """A center-issued, signed allowance: ``amount`` kuruş of loads until ``valid_until``."""
+
+    dealer_id: str
+    allowance_id: str
+    amount: int
+    valid_from: int  # unix seconds
+    valid_until: int
+    signature: bytes
+
+    def signed_bytes(self) -> bytes:
+        body = {"dealer_id": self.dealer_id, "allowance_id": self.allowance_id,
+                "amount": self.amount, "valid_from": self.valid_from,
+                "valid_until": self.valid_until}
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+    def verify(self, center_key: Ed25519PublicKey) -> None:
+        try:
+            center_key.verify(self.signature, self.signed_bytes())
+        except InvalidSignature:
+            raise TopupRefused(
+                f"credit allowance {self.allowance_id} is not signed by the center"
+            ) from None
+
+    @classmethod
+    def from_json(cls, text: str) -> CreditAllowance:
+        try:
+            data = json.loads(text)
+            return cls(str(data["dealer_id"]), str(data["allowance_id"]), int(data["amount"]),
+                       int(data["valid_from"]), int(data["valid_until"]),
+                       bytes.fromhex(data["signature"]))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise TopupRefused(f"credit allowance file is malformed: {exc}") from exc
+
+    def to_json(self) -> str:
+        return json.dumps({**json.loads(self.signed_bytes()), "signature": self.signature.hex()})
+
+
+@dataclass
+class Receipt:
+    terminal_id: int
+    card_number: int
+    uid: bytes
+    kind: str  # "topup" | "pass"
+    amount: int
+    balance_after: int
+    journal_seq: int
+    time: int
+
+    def text(self) -> str:
+        when = datetime.fromtimestamp(self.time).strftime("%d.%m.%Y %H:%M")
+        what = (f"Yükleme / Top-up  {tl(self.amount)}" if self.kind == "topup"
+                else f"Abonman / Pass   {tl(self.amount)}")
+        return "\n".join([
+            "KONYAKART - BAYİ YÜKLEME",
+            f"Terminal {self.terminal_id}   {when}",
+            f"Kart / Card  {self.card_number}  ({masked(self.uid)})",
+            what,
+            f"Bakiye / Balance  {tl(self.balance_after)}",
+            f"İşlem no / Ref  {self.journal_seq}",
+        ])
+
+
+class TopupTerminal:
+    def __init__(
+        self,
+        terminal_id: int,
+        db,
+        keys: KeyStore,
+        table: FareTable,
+        ui: Ui,
+        *,
+        allowance: CreditAllowance | None,
+        center_key: Ed25519PublicKey | None,
+        daily_limit: int = 5_000_000,
+    ) -> None:
+        self.terminal_id = terminal_id
+        self.db = db
+        self.keys = keys
+        self.table = table
+        self.ui = ui
+        self.allowance = allowance
+        self.center_key = center_key
+        self.daily_limit = daily_limit
+
+    def _loaded(self, since: int, until: int | None = None) -> int:
+        """Kuruş loaded by this terminal in [since, until), from its journal."""
+        total, seq = 0, 0
+        while True:
+            batch = self.db.journal.records(seq, 500)
+            if not batch:
+                return total
+            for rec in batch:
+                seq = rec.seq
+                if (rec.kind == KIND_TOPUP and rec.phase == "done" and rec.outcome == "ok"
+                        and rec.time >= since * 1000
+                        and (until is None or rec.time < until * 1000)):
+                    total += max(0, (rec.balance_after or 0) - (rec.balance_before or 0)) \
+                        or (rec.fare or 0)
+            if len(batch) < 500:
+                return total
+
+    def credit_left(self, now: int) -> int:
+        a = self.allowance
+        if a is None or self.center_key is None:
+            raise TopupRefused("no credit allowance from the center: top-ups are disabled")
+        a.verify(self.center_key)
+        if not a.valid_from <= now < a.valid_until:
+            raise TopupRefused(f"credit allowance {a.allowance_id} is not valid now")
+        return a.amount - self._loaded(a.valid_from, a.valid_until)
+
+    def _check(self, amount: int, balance: int, now: int) -> None:
+        if amount <= 0:
+            raise TopupRefused("the amount must be positive")
+        left = self.credit_left(now)
+        if amount > left:
+            raise TopupRefused(f"over the dealer's credit: {tl(left)} left")
+        day_start = now - (now + 3 * 3600) % 86400  # local midnight (Türkiye is UTC+3)
+        today = self._loaded(day_start)
+        if today + amount > self.daily_limit:
+            raise TopupRefused(
+                f"over the daily limit: {tl(max(0, self.daily_limit - today))} left today"
+            )
+        room = self.table.top_up_room(balance)
+        if amount > room:
+            raise TopupRefused(f"over the card's maximum balance: at most {tl(room)}")
+
+    def load(self, access: ClassicAccess, amount: int, now: int) -> Receipt:
+        """Add ``amount`` kuruş to the card's purse (key B), journaled and signed."""
+        purse = Purse(access, self.keys, key_type="B")
+        snap = purse.read()
+        if snap.state not in (PurseState.CONSISTENT, PurseState.GHOST_TRIP):
+            snap = purse.repair(snap)
+        if snap.blocked:
+            raise TopupRefused("the card is blocked: send the holder to the KONYAKART office")
+        self._check(amount, snap.balance, now)
+        seq = self.db.journal.intent({
+            "kind": KIND_TOPUP, "time": now * 1000, "card_number": snap.identity.card_number,
+            "uid": bytes(access.uid), "counter_before": snap.counter,
+            "counter_after": snap.counter + 1, "balance_before": snap.balance,
+            "balance_after": snap.balance + amount, "fare": amount, "product": PRODUCT_TOPUP,
+            "validator_id": str(self.terminal_id),
+        })
+        new = purse.apply(snap, topup_trip(0, now, self.terminal_id, amount))
+        self.db.journal.done(seq, "ok", counter_after=new.counter, balance_after=new.balance,
+                             balance_before=snap.balance)
+        self.ui.show(f"Yüklendi {tl(amount)}", f"Bakiye {tl(new.balance)}", Signal.OK)
+        return Receipt(self.terminal_id, snap.identity.card_number, bytes(access.uid), "topup",
+                       amount, new.balance, seq, now)
+
+    def sell_pass(self, access: ClassicAccess, product_code: int, now: int) -> Receipt:
+        """Sell a monthly pass: the price comes out of the dealer's credit, the pass is
+        written to the card (valid 30 days from this hour)."""
+        product = self.table.pass_product(product_code)
+        if product is None:
+            raise TopupRefused(f"no pass product {product_code} in tariff {self.table.name}")
+        purse = Purse(access, self.keys, key_type="B")
+        snap = purse.read()
+        price = pass_price(self.table, product, snap.view().card_type)
+        self._check_credit_only(price, now)
+        pass_ = self.table.pass_for(product_code, now)
+        seq = self.db.journal.intent({
+            "kind": KIND_TOPUP, "time": now * 1000, "card_number": snap.identity.card_number,
+            "uid": bytes(access.uid), "counter_before": snap.counter,
+            "counter_after": snap.counter, "balance_before": snap.balance,
+            "balance_after": snap.balance, "fare": price, "product": PRODUCT_PASS,
+            "validator_id": str(self.terminal_id),
+        })
+        purse.write_pass(PassBlock(product_code, pass_.valid_from, pass_.valid_until))
+        self.db.journal.done(seq, "ok")
+        self.ui.show("Abonman yüklendi", f"{tl(price)}", Signal.OK)
+        return Receipt(self.terminal_id, snap.identity.card_number, bytes(access.uid), "pass",
+                       price, snap.balance, seq, now)
+
+    def _check_credit_only(self, amount: int, now: int) -> None:
+        left = self.credit_left(now)
+        if amount > left:
+            raise TopupRefused(f"over the dealer's credit: {tl(left)} left")
+
+
+def pass_price(table: FareTable, product, card_type) -> int:
+    """The pass price for this card's rider category (student passes are cheaper); a card
+    type the product has no price for pays the highest (full) price."""
+    category = table.category_for(card_type)
+    amounts = dict(product.amounts)
+    if category is not None and category.category_id in amounts:
+        return amounts[category.category_id]
+    return max(amounts.values())
+
+
+def load_allowance(path: str | Path | None) -> CreditAllowance | None:
+    if path is None or not Path(path).exists():
+        return None
+    return CreditAllowance.from_json(Path(path).read_text())

@@ -1,0 +1,233 @@
+"""The device database: one SQLite file per device, in WAL mode, holding every store.
+
+The validator writes the journal and reads the blacklist and action list; the edge agent
+reads the journal as its outbox and writes configuration. Each process opens its own
+:class:`DeviceDatabase` on the same file: WAL lets readers run beside the one writer, and
+every write transaction takes the write lock up front and holds it briefly.
+
+Durability: ``journal_mode=WAL`` with ``synchronous=FULL``, so every commit fsyncs the WAL
+before it returns (``NORMAL`` would let the last commits roll back on power loss: an intent
+the card write relied on could vanish). ``docs/stores.md`` gives the whole argument.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from firmware.core.keys import KeyStore
+
+from ._sql import Conn, check_int
+from .actions import ActionList
+from .blacklist import Blacklist
+from .errors import DeviceMismatch, InvalidRecord, StoreError, StoreUnavailable, wrap_sqlite_error
+from .journal import Journal, MacFunction
+from .schema import migrate
+
+__all__ = ["JOURNAL_MAC_KEY_NAME", "DeviceDatabase", "JournalKey"]
+
+#: The key store name of the device journal's AES-CMAC key.
+JOURNAL_MAC_KEY_NAME = "journal-mac"
+
+#: What ``journal_key`` accepts: a MAC function, a key store (its ``journal-mac`` key) or a
+#: key store and a key name.
+JournalKey = MacFunction | KeyStore | tuple[KeyStore, str]
+
+_DEVICE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+#: After a checkpoint the WAL file is cut back to this size (a full blacklist load can grow
+#: it to tens of megabytes).
+WAL_SIZE_LIMIT = 4 * 1024 * 1024
+
+
+def _mac_function(journal_key: JournalKey | None) -> MacFunction | None:
+    if journal_key is None:
+        return None
+    if isinstance(journal_key, KeyStore):
+        store, name = journal_key, JOURNAL_MAC_KEY_NAME
+    elif isinstance(journal_key, tuple):
+        store, name = journal_key
+        if not isinstance(store, KeyStore):
+            raise StoreError("journal_key tuple must be (KeyStore, key name)")
+    elif callable(journal_key):
+        return journal_key
+    else:
+        raise StoreError("journal_key must be a MAC function, a KeyStore or (KeyStore, name)")
+    store.current_version(name)  # unknown key name: fail at open, not at the first tap
+
+    def mac(data: bytes) -> bytes:
+        return store.cmac(name, data)
+
+    return mac
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a newly created file's directory entry durable (SQLite syncs the WAL's, not the
+    main file's)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class DeviceDatabase:
+    """One device's SQLite database: ``blacklist``, ``actions`` and ``journal`` stores.
+
+    Use :meth:`open`. One handle belongs to one thread (sqlite3's rule); open one per
+    process or thread. Closing is idempotent; the handle is a context manager.
+    """
+
+    def __init__(self, conn: Conn, path: Path, device_id: str, mac: MacFunction | None) -> None:
+        self._conn = conn
+        self.path = path
+        self.device_id = device_id
+        self.blacklist = Blacklist(conn)
+        self.actions = ActionList(conn)
+        self.journal = Journal(conn, device_id, mac)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        device_id: str,
+        journal_key: JournalKey | None = None,
+        busy_timeout_ms: int = 2000,
+        wal_autocheckpoint: int = 1000,
+    ) -> DeviceDatabase:
+        """Open (creating and migrating if needed) the database at ``path`` for ``device_id``.
+
+        ``journal_key`` MACs journal records (a function ``bytes -> bytes`` such as a SAM's
+        CMAC, a :class:`KeyStore` holding ``journal-mac``, or ``(KeyStore, name)``); without
+        one the journal can be read unverified but not written. ``busy_timeout_ms`` is how
+        long a write waits for another process's transaction before
+        :class:`StoreUnavailable`. ``wal_autocheckpoint`` (pages; 0 disables) lets a
+        validator move checkpoints off the tap path and call :meth:`checkpoint` when idle.
+        A file created for another device id is refused (:class:`DeviceMismatch`).
+        """
+        if not isinstance(device_id, str) or not _DEVICE_ID_RE.fullmatch(device_id):
+            raise InvalidRecord("device_id must be 1 to 64 characters A-Z, a-z, 0-9, '.', '_', '-'")
+        check_int(busy_timeout_ms, "busy_timeout_ms", 0, 600_000)
+        check_int(wal_autocheckpoint, "wal_autocheckpoint", 0, 1 << 30)
+        mac = _mac_function(journal_key)
+        path = Path(path)
+        created = not path.exists()
+        try:
+            raw = sqlite3.connect(
+                path, isolation_level=None, timeout=busy_timeout_ms / 1000, cached_statements=256
+            )
+        except sqlite3.Error as exc:
+            raise wrap_sqlite_error(exc, f"open {path}") from exc
+        conn = Conn(raw)
+        try:
+            cls._configure(raw, busy_timeout_ms, wal_autocheckpoint)
+            migrate(raw)
+            device_id = cls._bind_device(conn, device_id)
+        except BaseException:
+            conn.close()
+            raise
+        if created:
+            _fsync_dir(path.parent)
+        return cls(conn, path, device_id, mac)
+
+    @staticmethod
+    def _configure(raw: sqlite3.Connection, busy_timeout_ms: int, wal_autocheckpoint: int) -> None:
+        try:
+            raw.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+            mode = raw.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreUnavailable(f"the database cannot use WAL mode (got {mode!r})")
+            raw.execute("PRAGMA synchronous = FULL")
+            raw.execute("PRAGMA foreign_keys = ON")
+            # Deleted journal rows (card numbers, trips) are zeroed where that costs no extra
+            # I/O; freed pages of an old blacklist are not rewritten.
+            raw.execute("PRAGMA secure_delete = FAST")
+            raw.execute(f"PRAGMA wal_autocheckpoint = {wal_autocheckpoint}")
+            raw.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
+            raw.execute("PRAGMA trusted_schema = OFF")
+        except sqlite3.Error as exc:
+            raise wrap_sqlite_error(exc, "configure database") from exc
+
+    @staticmethod
+    def _bind_device(conn: Conn, device_id: str) -> str:
+        owner = conn.one("SELECT value FROM meta WHERE key = 'device_id'", what="device id")
+        if owner is None:
+            with conn.write("bind device id") as raw:
+                raw.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('device_id', ?)", (device_id,)
+                )
+                owner = raw.execute("SELECT value FROM meta WHERE key = 'device_id'").fetchone()[0]
+        if owner != device_id:
+            raise DeviceMismatch(f"this database belongs to device {owner!r}, not {device_id!r}")
+        return device_id
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection (idempotent). The WAL is checkpointed if no one else has it open."""
+        self._conn.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._conn.closed
+
+    def __enter__(self) -> DeviceDatabase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<DeviceDatabase {str(self.path)!r} device {self.device_id!r} {state}>"
+
+    # -- inspection and upkeep --------------------------------------------------------------
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The raw connection, for inspection (sqlite-utils, the CLI) and fault injection in
+        tests. Writing through it bypasses the MACs and invariants of the stores."""
+        return self._conn.raw
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._conn.one("PRAGMA user_version"))
+
+    def pragmas(self) -> dict[str, Any]:
+        """The settings durability depends on, as SQLite reports them."""
+        names = ("journal_mode", "synchronous", "foreign_keys", "busy_timeout", "secure_delete")
+        return {n: self._conn.one(f"PRAGMA {n}", what="pragmas") for n in names}
+
+    def checkpoint(self, mode: str = "PASSIVE") -> tuple[int, int, int]:
+        """Run a WAL checkpoint (``PASSIVE``, ``FULL``, ``RESTART`` or ``TRUNCATE``).
+
+        Returns SQLite's (busy, WAL frames, frames checkpointed). A validator that turned
+        automatic checkpoints off calls this between taps.
+        """
+        if mode not in ("PASSIVE", "FULL", "RESTART", "TRUNCATE"):
+            raise InvalidRecord(f"unknown checkpoint mode {mode!r}")
+        row = self._conn.execute(f"PRAGMA wal_checkpoint({mode})", what="checkpoint").fetchone()
+        return int(row[0]), int(row[1]), int(row[2])
+
+    def storage_stats(self) -> dict[str, int]:
+        """Sizes for wear and space accounting: pages of the main file and the WAL's bytes.
+
+        Bytes written per tap are measured as the growth of ``wal_bytes`` over many taps
+        with automatic checkpoints off (see ``docs/stores.md``).
+        """
+        stats = {
+            n: int(self._conn.one(f"PRAGMA {n}", what="storage stats"))
+            for n in ("page_size", "page_count", "freelist_count")
+        }
+        wal = Path(f"{self.path}-wal")
+        stats["wal_bytes"] = wal.stat().st_size if wal.exists() else 0
+        return stats
+

@@ -1,0 +1,566 @@
+"""The transaction journal: the device's outbox of MAC'd, sequence-numbered records.
+
+A tap writes two records: an *intent*, durable before the card is written, and a *done*
+after it (linked to its intent); things that write no card (a rejection) are single *event*
+records. Each record carries what the center needs to reconcile, a per-device sequence
+number and an AES-CMAC over a canonical encoding (:func:`canonical_bytes`, specified in
+``docs/stores.md``), so a record changed behind the API or moved to another device fails
+verification here and at the center.
+
+Records are never updated. Two small tables are kept in the same transactions as the
+records: ``open_intent`` (intents without a done: the taps in doubt after a power cut) and
+``card_counters`` (the highest card transaction counter seen per card, for rollback and
+clone detection without scanning the journal).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import sqlite3
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from ._sql import Conn, check_int, check_u64, from_sql_u64, to_sql_u64
+from .errors import (
+    ActionAlreadyApplied,
+    InvalidRecord,
+    JournalTampered,
+    NotFound,
+    StoreError,
+)
+
+__all__ = [
+    "KIND_ACTION_APPLIED",
+    "KIND_REJECTION",
+    "KIND_REPAIR",
+    "KIND_TAP",
+    "KIND_TOPUP",
+    "PHASE_DONE",
+    "PHASE_EVENT",
+    "PHASE_INTENT",
+    "Journal",
+    "JournalRecord",
+    "canonical_bytes",
+]
+
+log = logging.getLogger("afc.stores.journal")
+
+KIND_TAP = "tap"
+KIND_TOPUP = "topup"
+KIND_REPAIR = "repair"
+KIND_ACTION_APPLIED = "action-applied"
+KIND_REJECTION = "rejection"
+
+PHASE_INTENT = "intent"
+PHASE_DONE = "done"
+PHASE_EVENT = "event"
+_PHASES = (PHASE_INTENT, PHASE_DONE, PHASE_EVENT)
+
+#: Opens every canonical encoding: ASCII "AFCJ" and the format number.
+CANONICAL_MAGIC = b"AFCJ"
+CANONICAL_FORMAT = 1
+
+_TOKEN_RE = re.compile(r"[a-z][a-z0-9-]{0,31}")
+_TEXT_MAX = 64
+_UID_SIZES = (4, 7, 10)
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRecord:
+    """One journal record, as written and as read back.
+
+    The caller fills the facts of the transaction; the journal sets ``device_id``, ``seq``,
+    ``phase``, ``link`` and ``mac``. Money is in kuruş, ``time`` is the device's wall clock
+    in Unix milliseconds as the caller's monotonic guard gives it (the journal does not read
+    a clock), ``card_number`` is a u64, ``uid`` 4, 7 or 10 bytes. ``outcome`` is a short
+    token (``ok``, ``declined``, ``card-removed``...), ``reason`` a numeric reason code.
+    """
+
+    kind: str
+    time: int
+    card_number: int | None = None
+    uid: bytes | None = None
+    counter_before: int | None = None
+    counter_after: int | None = None
+    balance_before: int | None = None
+    balance_after: int | None = None
+    fare: int | None = None
+    product: int | None = None
+    line: str | None = None
+    vehicle: str | None = None
+    validator_id: str | None = None
+    outcome: str | None = None
+    reason: int | None = None
+    action_id: str | None = None
+    # Set by the journal:
+    seq: int = 0
+    phase: str = PHASE_EVENT
+    link: int | None = None
+    device_id: str = ""
+    mac: bytes = b""
+
+
+#: Fields the caller may give (everything but what the journal sets).
+CALLER_FIELDS = tuple(
+    f.name
+    for f in fields(JournalRecord)
+    if f.name not in {"seq", "phase", "link", "device_id", "mac"}
+)
+
+# The canonical encoding's field order and types: "s" text, "i" i64, "u" u64, "b" bytes.
+_CANONICAL_FIELDS: tuple[tuple[str, str], ...] = (
+    ("device_id", "s"),
+    ("seq", "i"),
+    ("phase", "s"),
+    ("kind", "s"),
+    ("link", "i"),
+    ("time", "i"),
+    ("card_number", "u"),
+    ("uid", "b"),
+    ("counter_before", "i"),
+    ("counter_after", "i"),
+    ("balance_before", "i"),
+    ("balance_after", "i"),
+    ("fare", "i"),
+    ("product", "i"),
+    ("line", "s"),
+    ("vehicle", "s"),
+    ("validator_id", "s"),
+    ("outcome", "s"),
+    ("reason", "i"),
+    ("action_id", "s"),
+)
+_I64 = struct.Struct(">q").pack
+_U64 = struct.Struct(">Q").pack
+_U16 = struct.Struct(">H").pack
+
+
+def canonical_bytes(record: JournalRecord) -> bytes:
+    """The bytes the record's MAC is computed over (format 1, see ``docs/stores.md``).
+
+    ``"AFCJ" 0x01`` then every field of :data:`_CANONICAL_FIELDS` in that fixed order, each
+    as ``0x00`` when absent or ``0x01`` and its value: integers as 8 bytes big-endian (two's
+    complement, the card number unsigned), text as UTF-8 and bytes each behind a 2-byte
+    big-endian length. Fixed order and self-delimiting fields make it injective, and a
+    center in any language rebuilds it from a record's fields alone.
+    """
+    parts = [CANONICAL_MAGIC, bytes((CANONICAL_FORMAT,))]
+    append = parts.append
+    for name, kind in _CANONICAL_FIELDS:
+        value = getattr(record, name)
+        if value is None:
+            append(b"\x00")
+        elif kind == "i":
+            append(b"\x01" + _I64(value))
+        elif kind == "u":
+            append(b"\x01" + _U64(value))
+        elif kind == "s":
+            data = value.encode("utf-8")
+            append(b"\x01" + _U16(len(data)) + data)
+        else:
+            append(b"\x01" + _U16(len(value)) + value)
+    return b"".join(parts)
+
+
+_INT_FIELDS = (
+    "counter_before",
+    "counter_after",
+    "balance_before",
+    "balance_after",
+    "fare",
+    "product",
+    "reason",
+)
+_TEXT_FIELDS = ("line", "vehicle", "validator_id", "action_id")
+
+
+def _check_token(value: object, what: str) -> str:
+    if not isinstance(value, str) or not _TOKEN_RE.fullmatch(value):
+        raise InvalidRecord(
+            f"{what} must be a token of 1 to 32 characters a-z, 0-9, '-', got {value!r}"
+        )
+    return value
+
+
+def check_text(value: object, what: str) -> str:
+    """Short printable text (line, vehicle, ids): refuse anything a log or UI would choke on."""
+    if not isinstance(value, str) or not 0 < len(value) <= _TEXT_MAX or not value.isprintable():
+        raise InvalidRecord(f"{what} must be printable text of 1 to {_TEXT_MAX} characters")
+    return value
+
+
+def _validate(record: JournalRecord) -> None:
+    """Refuse a record whose fields would not store or encode: checked before any write."""
+    _check_token(record.kind, "kind")
+    check_int(record.time, "time")
+    if record.card_number is not None:
+        check_u64(record.card_number, "card_number")
+    if record.uid is not None and (
+        not isinstance(record.uid, bytes) or len(record.uid) not in _UID_SIZES
+    ):
+        raise InvalidRecord("uid must be 4, 7 or 10 bytes")
+    for name in _INT_FIELDS:
+        value = getattr(record, name)
+        if value is not None:
+            check_int(value, name)
+    for name in _TEXT_FIELDS:
+        value = getattr(record, name)
+        if value is not None:
+            check_text(value, name)
+    if record.outcome is not None:
+        _check_token(record.outcome, "outcome")
+
+
+def _as_record(record: JournalRecord | Mapping[str, Any]) -> JournalRecord:
+    if isinstance(record, JournalRecord):
+        return replace(record, seq=0, phase=PHASE_EVENT, link=None, device_id="", mac=b"")
+    if isinstance(record, Mapping):
+        unknown = set(record) - set(CALLER_FIELDS)
+        if unknown:
+            raise InvalidRecord(f"unknown journal record fields: {', '.join(sorted(unknown))}")
+        try:
+            return JournalRecord(**record)
+        except TypeError as exc:  # a required field is missing
+            raise InvalidRecord(f"incomplete journal record: {exc}") from None
+    raise InvalidRecord(f"a journal record must be a JournalRecord or a mapping, not {record!r}")
+
+
+# Column order of the journal table as read and written here.
+_COLUMNS = (
+    "seq",
+    "phase",
+    "kind",
+    "link",
+    "time",
+    "card_number",
+    "uid",
+    "counter_before",
+    "counter_after",
+    "balance_before",
+    "balance_after",
+    "fare",
+    "product",
+    "line",
+    "vehicle",
+    "validator_id",
+    "outcome",
+    "reason",
+    "action_id",
+    "mac",
+)
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM journal"
+_INSERT = (
+    f"INSERT INTO journal ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+)
+_NEXT_SEQ = (
+    "SELECT max(coalesce((SELECT max(seq) FROM journal), 0), "
+    "(SELECT value FROM meta WHERE key = 'journal_floor')) + 1"
+)
+_COUNTER_UPSERT = (
+    "INSERT INTO card_counters (card_number, counter, seq) VALUES (?, ?, ?) "
+    "ON CONFLICT (card_number) DO UPDATE SET counter = excluded.counter, seq = excluded.seq "
+    "WHERE excluded.counter > card_counters.counter"
+)
+
+MacFunction = Callable[[bytes], bytes]
+
+
+class Journal:
+    """The journal of one device database; reached as ``DeviceDatabase.journal``.
+
+    Writes are durable on return (one fsynced transaction each); reads verify MACs unless
+    told not to.
+    """
+
+    def __init__(self, conn: Conn, device_id: str, mac: MacFunction | None) -> None:
+        self._conn = conn
+        self._device_id = device_id
+        self._mac = mac
+
+    # -- writing ------------------------------------------------------------------------
+
+    def intent(self, record: JournalRecord | Mapping[str, Any]) -> int:
+        """Record that a card write is about to happen; returns its sequence number.
+
+        Durable on return: only then may the card be written. The intent stays open (see
+        :meth:`open_intents`) until :meth:`done` closes it.
+        """
+        rec = _as_record(record)
+        _validate(rec)
+        with self._conn.write("journal intent") as raw:
+            rec = self._insert(raw, rec, PHASE_INTENT, None)
+            raw.execute("INSERT INTO open_intent (seq) VALUES (?)", (rec.seq,))
+            # Only what was read from the card counts as seen: the intended counter_after
+            # may never reach the card.
+            self._note_counter(raw, rec.card_number, rec.counter_before, None, rec.seq)
+        return rec.seq
+
+    def done(
+        self, seq: int, outcome: str, *, apply_action: bool = False, **fields: Any
+    ) -> int:
+        """Close intent ``seq`` with ``outcome``; returns the done record's sequence number.
+
+        ``fields`` are record fields of the done record (``counter_after``,
+        ``balance_after``, ``time``...); ``kind``, ``card_number``, ``uid``, ``time`` and
+        ``action_id`` default to the intent's. With ``apply_action=True`` the intent's action
+        is marked applied in the same transaction, so a power cut cannot leave a card loaded
+        with an action that still looks pending (:class:`ActionAlreadyApplied` if it was
+        applied already; then nothing is written). Durable on return.
+        """
+        check_int(seq, "seq", 1)
+        _check_token(outcome, "outcome")
+        unknown = set(fields) - set(CALLER_FIELDS)
+        if unknown or "outcome" in fields:
+            raise InvalidRecord(f"done(): unknown fields {', '.join(sorted(unknown))}")
+        with self._conn.write("journal done") as raw:
+            if raw.execute("SELECT 1 FROM open_intent WHERE seq = ?", (seq,)).fetchone() is None:
+                raise NotFound(f"journal record {seq} is not an open intent")
+            intent = self._row_to_record(
+                raw.execute(f"{_SELECT} WHERE seq = ?", (seq,)).fetchone()
+            )
+            base = {
+                "kind": intent.kind,
+                "time": intent.time,
+                "card_number": intent.card_number,
+                "uid": intent.uid,
+                "action_id": intent.action_id,
+            }
+            base.update(fields)
+            base["outcome"] = outcome
+            rec = _as_record(base)
+            _validate(rec)
+            rec = self._insert(raw, rec, PHASE_DONE, seq)
+            raw.execute("DELETE FROM open_intent WHERE seq = ?", (seq,))
+            self._note_counter(raw, rec.card_number, rec.counter_before, rec.counter_after, rec.seq)
+            if apply_action:
+                if rec.action_id is None:
+                    raise InvalidRecord(f"done({seq}, apply_action=True): the record has no action")
+                mark_action_applied(raw, rec.action_id, rec.seq)
+        return rec.seq
+
+    def event(self, record: JournalRecord | Mapping[str, Any]) -> int:
+        """Append a stand-alone record (a rejection, an alarm): no card write follows it."""
+        rec = _as_record(record)
+        _validate(rec)
+        with self._conn.write("journal event") as raw:
+            rec = self._insert(raw, rec, PHASE_EVENT, None)
+            self._note_counter(raw, rec.card_number, rec.counter_before, rec.counter_after, rec.seq)
+        return rec.seq
+
+    def _insert(
+        self, raw: sqlite3.Connection, rec: JournalRecord, phase: str, link: int | None
+    ) -> JournalRecord:
+        if self._mac is None:
+            raise StoreError("the journal cannot be written: the database was opened without a key")
+        seq = raw.execute(_NEXT_SEQ).fetchone()[0]
+        rec = replace(rec, seq=seq, phase=phase, link=link, device_id=self._device_id)
+        rec = replace(rec, mac=bytes(self._mac(canonical_bytes(rec))))
+        raw.execute(_INSERT, self._record_to_row(rec))
+        return rec
+
+    @staticmethod
+    def _note_counter(
+        raw: sqlite3.Connection,
+        card_number: int | None,
+        before: int | None,
+        after: int | None,
+        seq: int,
+    ) -> None:
+        seen = [c for c in (before, after) if c is not None]
+        if card_number is not None and seen:
+            raw.execute(_COUNTER_UPSERT, (to_sql_u64(card_number), max(seen), seq))
+
+    # -- reading ------------------------------------------------------------------------
+
+    @property
+    def last_seq(self) -> int:
+        """The highest sequence number ever issued (0 before the first record)."""
+        return int(self._conn.one(_NEXT_SEQ, what="journal last_seq")) - 1
+
+    @property
+    def acked_seq(self) -> int:
+        """The center has acknowledged every record up to this sequence number."""
+        return int(
+            self._conn.one("SELECT value FROM meta WHERE key = 'journal_acked'", what="journal")
+        )
+
+    def get(self, seq: int, *, verify: bool = True) -> JournalRecord | None:
+        """Record ``seq``, or None if it does not exist (never written, or pruned)."""
+        row = self._conn.execute(f"{_SELECT} WHERE seq = ?", (seq,), "journal get").fetchone()
+        if row is None:
+            return None
+        return self._checked([self._row_to_record(row)], verify)[0]
+
+    def records(
+        self, since_seq: int = 0, limit: int = 1000, *, verify: bool = True
+    ) -> list[JournalRecord]:
+        """Up to ``limit`` records with ``seq > since_seq``, oldest first: the outbox read.
+
+        With ``verify`` (the default) a record whose MAC fails raises
+        :class:`JournalTampered`; the agent may read with ``verify=False`` to forward
+        records as they are (the center verifies them too).
+        """
+        check_int(since_seq, "since_seq", 0)
+        check_int(limit, "limit", 1, 1_000_000)
+        rows = self._conn.execute(
+            f"{_SELECT} WHERE seq > ? ORDER BY seq LIMIT ?", (since_seq, limit), "journal read"
+        ).fetchall()
+        return self._checked([self._row_to_record(r) for r in rows], verify)
+
+    def open_intents(self, *, verify: bool = True) -> list[JournalRecord]:
+        """Intents without a done record, oldest first: the taps in doubt after a power cut.
+
+        Each is resolved from the card's own counter and trip log on its next tap, then
+        closed with :meth:`done`. MACs are verified: the resolution trusts these contents.
+        """
+        rows = self._conn.execute(
+            f"{_SELECT} WHERE seq IN (SELECT seq FROM open_intent) ORDER BY seq",
+            what="journal open intents",
+        ).fetchall()
+        return self._checked([self._row_to_record(r) for r in rows], verify)
+
+    def last_counter(self, card_number: int) -> int | None:
+        """The highest card transaction counter this device has seen for the card, or None.
+
+        A card presenting a lower counter was rolled back or cloned. Counts the counters
+        read from cards (intents' ``counter_before``) and the ones written (done and event
+        records), not an intent's planned ``counter_after``.
+        """
+        check_u64(card_number, "card_number")
+        value = self._conn.one(
+            "SELECT counter FROM card_counters WHERE card_number = ?",
+            (to_sql_u64(card_number),),
+            "journal last_counter",
+        )
+        return None if value is None else int(value)
+
+    def verify(self) -> list[int]:
+        """Check every record's MAC; returns the sequence numbers that fail (empty if none)."""
+        if self._mac is None:
+            raise StoreError("the journal cannot be verified: opened without a key")
+        bad: list[int] = []
+        with self._conn.snapshot("journal verify") as raw:
+            for row in raw.execute(f"{_SELECT} ORDER BY seq"):
+                try:
+                    rec = self._row_to_record(row)
+                    ok = self._mac_ok(rec)
+                except (ValueError, TypeError, AttributeError, struct.error):
+                    ok = False  # a value of the wrong type, put there behind the API
+                if not ok:
+                    bad.append(row[0])
+        if bad:
+            log.warning("journal MAC verification failed for %d record(s): %s", len(bad), bad[:20])
+        return bad
+
+    # -- the agent's side ---------------------------------------------------------------
+
+    def mark_acked(self, up_to_seq: int) -> int:
+        """The center has stored every record up to ``up_to_seq``; returns the acked mark.
+
+        Cumulative and monotonic: an older ack changes nothing. Acking a sequence number
+        that was never issued is refused.
+        """
+        check_int(up_to_seq, "up_to_seq", 0)
+        with self._conn.write("journal ack") as raw:
+            last = raw.execute(_NEXT_SEQ).fetchone()[0] - 1
+            if up_to_seq > last:
+                raise InvalidRecord(f"ack for seq {up_to_seq}, but the last record is {last}")
+            raw.execute(
+                "UPDATE meta SET value = max(value, ?) WHERE key = 'journal_acked'", (up_to_seq,)
+            )
+            return int(
+                raw.execute("SELECT value FROM meta WHERE key = 'journal_acked'").fetchone()[0]
+            )
+
+    def prune_acked(self) -> int:
+        """Delete acknowledged records, except open intents; returns how many went.
+
+        The sequence floor is kept in ``meta`` so numbers are never reused even when every
+        record was pruned.
+        """
+        with self._conn.write("journal prune") as raw:
+            acked = raw.execute("SELECT value FROM meta WHERE key = 'journal_acked'").fetchone()[0]
+            cur = raw.execute(
+                "DELETE FROM journal WHERE seq <= ? AND seq NOT IN (SELECT seq FROM open_intent)",
+                (acked,),
+            )
+            raw.execute(
+                "UPDATE meta SET value = max(value, ?) WHERE key = 'journal_floor'", (acked,)
+            )
+            return cur.rowcount
+
+    # -- conversions ----------------------------------------------------------------------
+
+    def _checked(self, records: list[JournalRecord], verify: bool) -> list[JournalRecord]:
+        if verify:
+            if self._mac is None:
+                raise StoreError(
+                    "journal records cannot be verified: the database was opened without a key"
+                )
+            bad = [r.seq for r in records if not self._mac_ok(r)]
+            if bad:
+                log.warning("journal MAC verification failed for records %s", bad[:20])
+                raise JournalTampered(f"journal records fail MAC verification: {bad[:20]}", bad)
+        return records
+
+    def _mac_ok(self, rec: JournalRecord) -> bool:
+        assert self._mac is not None
+        try:
+            expected = bytes(self._mac(canonical_bytes(rec)))
+        except (ValueError, TypeError, AttributeError, struct.error):
+            return False
+        return isinstance(rec.mac, bytes) and hmac.compare_digest(expected, rec.mac)
+
+    @staticmethod
+    def _record_to_row(rec: JournalRecord) -> tuple[Any, ...]:
+        return (
+            rec.seq,
+            rec.phase,
+            rec.kind,
+            rec.link,
+            rec.time,
+            None if rec.card_number is None else to_sql_u64(rec.card_number),
+            rec.uid,
+            rec.counter_before,
+            rec.counter_after,
+            rec.balance_before,
+            rec.balance_after,
+            rec.fare,
+            rec.product,
+            rec.line,
+            rec.vehicle,
+            rec.validator_id,
+            rec.outcome,
+            rec.reason,
+            rec.action_id,
+            rec.mac,
+        )
+
+    def _row_to_record(self, row: tuple[Any, ...]) -> JournalRecord:
+        values = dict(zip(_COLUMNS, row, strict=True))
+        card = values["card_number"]
+        if isinstance(card, int):
+            values["card_number"] = from_sql_u64(card)
+        return JournalRecord(device_id=self._device_id, **values)
+
+
+def mark_action_applied(raw: sqlite3.Connection, action_id: str, journal_seq: int) -> None:
+    """Mark ``action_id`` applied by journal record ``journal_seq``, inside the caller's
+    write transaction; refuses a second application (the exactly-once rule)."""
+    cur = raw.execute(
+        "UPDATE actions SET applied_seq = ? WHERE action_id = ? AND applied_seq IS NULL",
+        (journal_seq, action_id),
+    )
+    if cur.rowcount == 1:
+        return
+    row = raw.execute(
+        "SELECT applied_seq FROM actions WHERE action_id = ?", (action_id,)
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"action {action_id!r} is not in the action list")
+    raise ActionAlreadyApplied(f"action {action_id!r} was already applied (journal seq {row[0]})")
+

@@ -1,0 +1,184 @@
+"""The device database's schema and its migrations, keyed by ``PRAGMA user_version``.
+
+``MIGRATIONS[i]`` takes a database at schema version ``i`` to ``i + 1``. :func:`migrate` runs
+the missing ones in one ``BEGIN IMMEDIATE`` transaction together with the new
+``user_version``, so a power cut mid-migration leaves the old schema, and two processes
+opening a new file at once migrate it once (the second sees the new version under the
+lock). A file from newer software is refused rather than guessed at.
+
+Migrations are written against sqlite-utils (table creation, indexes, and ``transform`` for
+later column changes); statements it cannot express (``WITHOUT ROWID``, partial indexes,
+views) go through its ``execute``. sqlite-utils is imported only when a migration runs, so
+the validator's start-up and hot paths use the standard library alone.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .errors import StoreError, wrap_sqlite_error
+
+if TYPE_CHECKING:
+    import sqlite_utils
+
+__all__ = ["BLACKLIST_TABLES", "MIGRATIONS", "SCHEMA_VERSION", "migrate"]
+
+#: The two physical blacklist tables: one is in force (behind the ``blacklist`` view), the
+#: other is where the next full list is built.
+BLACKLIST_TABLES = ("blacklist_a", "blacklist_b")
+
+
+def blacklist_table_sql(name: str) -> str:
+    """DDL of one physical blacklist table and its UID index (also used to rebuild them)."""
+    return f"""
+        CREATE TABLE {name} (
+            card_number INTEGER PRIMARY KEY,
+            uid BLOB CHECK (uid IS NULL OR length(uid) IN (4, 7, 10)),
+            reason INTEGER NOT NULL CHECK (reason BETWEEN 0 AND 65535),
+            version INTEGER NOT NULL
+        ) WITHOUT ROWID, STRICT;
+        CREATE INDEX {name}_uid ON {name} (uid) WHERE uid IS NOT NULL;
+    """
+
+
+def _v1(db: sqlite_utils.Database) -> None:
+    """The first schema: meta, blacklist, action list, journal, open intents, counters."""
+    db.execute(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value ANY) WITHOUT ROWID, STRICT"
+    )
+    for name in BLACKLIST_TABLES:
+        for statement in blacklist_table_sql(name).split(";"):
+            if statement.strip():
+                db.execute(statement)
+    db.execute(
+        "CREATE VIEW blacklist AS "
+        f"SELECT card_number, uid, reason, version FROM {BLACKLIST_TABLES[0]}"
+    )
+    db.execute(
+        """
+        CREATE TABLE actions (
+            action_id TEXT PRIMARY KEY,
+            card_number INTEGER NOT NULL,
+            kind TEXT NOT NULL CHECK (kind IN ('topup', 'pass')),
+            amount INTEGER,
+            product_id INTEGER,
+            valid_until INTEGER NOT NULL,
+            version INTEGER NOT NULL,
+            listed INTEGER NOT NULL DEFAULT 1,
+            applied_seq INTEGER,
+            reported INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID, STRICT
+        """
+    )
+    db.execute(
+        "CREATE INDEX actions_pending ON actions (card_number) WHERE applied_seq IS NULL"
+    )
+    db.execute(
+        "CREATE INDEX actions_unreported ON actions (applied_seq) "
+        "WHERE applied_seq IS NOT NULL AND reported = 0"
+    )
+    db.create_table(
+        "journal",
+        {
+            "seq": int,
+            "phase": str,
+            "kind": str,
+            "link": int,
+            "time": int,
+            "card_number": int,
+            "uid": bytes,
+            "counter_before": int,
+            "counter_after": int,
+            "balance_before": int,
+            "balance_after": int,
+            "fare": int,
+            "product": int,
+            "line": str,
+            "vehicle": str,
+            "validator_id": str,
+            "outcome": str,
+            "reason": int,
+            "action_id": str,
+            "mac": bytes,
+        },
+        pk="seq",
+        not_null=["phase", "kind", "time", "mac"],
+        strict=True,
+    )
+    db.create_table(
+        "open_intent",
+        {"seq": int},
+        pk="seq",
+        foreign_keys=[("seq", "journal", "seq")],
+        strict=True,
+    )
+    db.execute(
+        """
+        CREATE TABLE card_counters (
+            card_number INTEGER PRIMARY KEY,
+            counter INTEGER NOT NULL,
+            seq INTEGER NOT NULL
+        ) WITHOUT ROWID, STRICT
+        """
+    )
+    db["meta"].insert_all(
+        [
+            {"key": "blacklist_version", "value": 0},
+            {"key": "blacklist_count", "value": 0},
+            {"key": "blacklist_active", "value": BLACKLIST_TABLES[0]},
+            {"key": "actions_version", "value": 0},
+            {"key": "journal_acked", "value": 0},
+            {"key": "journal_floor", "value": 0},
+        ]
+    )
+
+
+Migration = Callable[["sqlite_utils.Database"], None]
+
+#: ``MIGRATIONS[i]`` migrates schema version ``i`` to ``i + 1``. Append, never edit.
+MIGRATIONS: list[Migration] = [_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _user_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the database to :data:`SCHEMA_VERSION`; returns the version it was at before.
+
+    ``conn`` must be in autocommit mode (``isolation_level=None``) with no open transaction.
+    """
+    try:
+        before = _user_version(conn)
+        if before == SCHEMA_VERSION:
+            return before
+        if before > SCHEMA_VERSION:
+            raise StoreError(
+                f"the database has schema version {before}, newer than this software's "
+                f"{SCHEMA_VERSION}: refusing to use it"
+            )
+        import sqlite_utils
+
+        db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            before = _user_version(conn)  # another process may have migrated meanwhile
+            if before > SCHEMA_VERSION:
+                raise StoreError(
+                    f"the database has schema version {before}, newer than this software's "
+                    f"{SCHEMA_VERSION}: refusing to use it"
+                )
+            for version in range(before, SCHEMA_VERSION):
+                MIGRATIONS[version](db)
+                conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return before
+    except sqlite3.Error as exc:
+        raise wrap_sqlite_error(exc, "schema migration") from exc
