@@ -216,6 +216,7 @@ def topup(reader_url, db_path, config_path, keys_path, card_wait) -> None:
                     receipt = terminal.sell_pass(access, int(words[1]), now)
                 click.echo(receipt.text())
                 click.echo("")
-            except (TopupRefused, CoreError, ValueError) as exc:
+            except (TopupRefused, CoreError, ValueError, OverflowError) as exc:
+                # OverflowError: "load inf" / "load 1e999" (round() of an infinite float)
                 click.echo(f"error: {exc}", err=True)
         clock.flush()

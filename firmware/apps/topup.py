@@ -5,6 +5,14 @@ credit allowance the center issued and signed (Ed25519, checked against the pinn
 key), by a per-day limit, and by the card's maximum balance. What the dealer has used is
 not a counter that could drift: it is the sum of the top-ups in the terminal's own journal,
 whose records are MAC'd by the terminal and sequence-numbered for the center.
+
+A top-up or pass sale torn mid-write leaves its journal intent open, and an open intent
+counts as used: the dealer may have the customer's cash and the card may hold the value, so a
+tear (accidental or deliberate) must not give the credit back. The next time the card is on
+this terminal the intent is settled from the card itself: ``ok-late`` (it stays counted) when
+the card shows the update, ``not-charged`` (the credit is released) when it shows it never
+happened. When the card can no longer tell (its trip log moved on), the intent stays open and
+the center settles it.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import json
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -22,13 +31,24 @@ from firmware.core.errors import CoreError
 from firmware.core.fares import FareTable
 from firmware.core.keys import KeyStore
 from firmware.core.mifare import ClassicAccess
-from firmware.core.purse import PRODUCT_PASS, PRODUCT_TOPUP, Purse, PurseState, topup_trip
-from firmware.stores.journal import KIND_TOPUP
+from firmware.core.purse import (
+    PRODUCT_PASS,
+    PRODUCT_TOPUP,
+    CardSnapshot,
+    Purse,
+    PurseState,
+    product_of,
+    purse_delta,
+    topup_trip,
+)
+from firmware.stores.journal import KIND_TOPUP, PHASE_DONE, PHASE_INTENT, JournalRecord
 
 from .ui import Signal, Ui
 from .validator import masked, tl
 
 LOCAL_TZ_NAME = "Europe/Istanbul"
+#: Outcome of the done record that settles an open intent whose write never reached the card.
+NOT_CHARGED = "not-charged"
 
 
 class TopupRefused(CoreError):
@@ -87,7 +107,9 @@ class Receipt:
     time: int
 
     def text(self) -> str:
-        when = datetime.fromtimestamp(self.time).strftime("%d.%m.%Y %H:%M")
+        # Konya's time, whatever zone the terminal's OS is set to
+        when = datetime.fromtimestamp(self.time, ZoneInfo(LOCAL_TZ_NAME)).strftime(
+            "%d.%m.%Y %H:%M")
         what = (f"Yükleme / Top-up  {tl(self.amount)}" if self.kind == "topup"
                 else f"Abonman / Pass   {tl(self.amount)}")
         return "\n".join([
@@ -123,27 +145,35 @@ class TopupTerminal:
         self.daily_limit = daily_limit
 
     def _loaded(self, since: int, until: int | None = None) -> int:
-        """Kuruş loaded by this terminal in [since, until), from its journal."""
-        total, seq = 0, 0
+        """Kuruş sold by this terminal (top-ups and passes) in [since, until), from its
+        journal: the ``fare`` of every intent made then, unless its done record says the card
+        was never written. An intent still open counts (see the module docstring)."""
+        used: dict[int, int] = {}
+        seq = 0
         while True:
             batch = self.db.journal.records(seq, 500)
-            if not batch:
-                return total
             for rec in batch:
                 seq = rec.seq
-                if (rec.kind == KIND_TOPUP and rec.phase == "done" and rec.outcome == "ok"
-                        and rec.time >= since * 1000
-                        and (until is None or rec.time < until * 1000)):
-                    total += max(0, (rec.balance_after or 0) - (rec.balance_before or 0)) \
-                        or (rec.fare or 0)
+                if rec.kind != KIND_TOPUP:
+                    continue
+                if rec.phase == PHASE_INTENT:
+                    if rec.time >= since * 1000 and (until is None or rec.time < until * 1000):
+                        used[rec.seq] = max(0, rec.fare or 0)
+                elif rec.phase == PHASE_DONE and rec.outcome == NOT_CHARGED:
+                    used.pop(rec.link, None)
             if len(batch) < 500:
-                return total
+                return sum(used.values())
 
     def credit_left(self, now: int) -> int:
         a = self.allowance
         if a is None or self.center_key is None:
             raise TopupRefused("no credit allowance from the center: top-ups are disabled")
         a.verify(self.center_key)
+        if a.dealer_id != self.db.device_id:
+            raise TopupRefused(
+                f"credit allowance {a.allowance_id} is for dealer {a.dealer_id}, "
+                f"not for this terminal ({self.db.device_id})"
+            )
         if not a.valid_from <= now < a.valid_until:
             raise TopupRefused(f"credit allowance {a.allowance_id} is not valid now")
         return a.amount - self._loaded(a.valid_from, a.valid_until)
@@ -164,14 +194,57 @@ class TopupTerminal:
         if amount > room:
             raise TopupRefused(f"over the card's maximum balance: at most {tl(room)}")
 
-    def load(self, access: ClassicAccess, amount: int, now: int) -> Receipt:
-        """Add ``amount`` kuruş to the card's purse (key B), journaled and signed."""
-        purse = Purse(access, self.keys, key_type="B")
+    def _card(self, purse: Purse, now: int) -> CardSnapshot:
+        """Read the card, finish an interrupted update, settle this terminal's open intents
+        for it; a blocked card is refused."""
         snap = purse.read()
         if snap.state not in (PurseState.CONSISTENT, PurseState.GHOST_TRIP):
             snap = purse.repair(snap)
+        self._settle(snap, now)
         if snap.blocked:
             raise TopupRefused("the card is blocked: send the holder to the KONYAKART office")
+        return snap
+
+    def _settle(self, snap: CardSnapshot, now: int) -> None:
+        journal = self.db.journal
+        for intent in journal.open_intents():
+            if intent.kind != KIND_TOPUP or intent.card_number != snap.identity.card_number:
+                continue
+            landed = self._landed(intent, snap)
+            if landed is None:
+                continue  # the card cannot tell any more: stays counted, the center settles it
+            if landed:
+                journal.done(intent.seq, "ok-late", time=now * 1000, fare=intent.fare,
+                             product=intent.product, counter_after=intent.counter_after,
+                             balance_before=intent.balance_before,
+                             balance_after=intent.balance_after)
+            else:
+                journal.done(intent.seq, NOT_CHARGED, time=now * 1000, fare=0,
+                             product=intent.product, counter_after=snap.counter,
+                             balance_before=snap.balance, balance_after=snap.balance)
+
+    def _landed(self, intent: JournalRecord, snap: CardSnapshot) -> bool | None:
+        """Whether the card shows the write of ``intent``; None when it cannot tell."""
+        when = intent.time // 1000
+        if intent.product == PRODUCT_PASS:
+            block = snap.pass_block
+            if block is not None and block.valid_from == when:
+                return True
+            return None if block is not None and block.valid_from > when else False
+        target = intent.counter_after
+        if target is None or snap.counter < target:
+            return False  # the card's counter never reached this top-up (a repaired snapshot)
+        found = snap.trip_with_counter(target)
+        if found is None:
+            return None  # the entry left the two-entry trip log
+        trip = found[1]
+        return (product_of(trip) == PRODUCT_TOPUP and trip.time == when
+                and trip.validator_id == self.terminal_id and purse_delta(trip) == intent.fare)
+
+    def load(self, access: ClassicAccess, amount: int, now: int) -> Receipt:
+        """Add ``amount`` kuruş to the card's purse (key B), journaled and signed."""
+        purse = Purse(access, self.keys, key_type="B")
+        snap = self._card(purse, now)
         self._check(amount, snap.balance, now)
         seq = self.db.journal.intent({
             "kind": KIND_TOPUP, "time": now * 1000, "card_number": snap.identity.card_number,
@@ -182,7 +255,7 @@ class TopupTerminal:
         })
         new = purse.apply(snap, topup_trip(0, now, self.terminal_id, amount))
         self.db.journal.done(seq, "ok", counter_after=new.counter, balance_after=new.balance,
-                             balance_before=snap.balance)
+                             balance_before=snap.balance, fare=amount, product=PRODUCT_TOPUP)
         self.ui.show(f"Yüklendi {tl(amount)}", f"Bakiye {tl(new.balance)}", Signal.OK)
         return Receipt(self.terminal_id, snap.identity.card_number, bytes(access.uid), "topup",
                        amount, new.balance, seq, now)
@@ -194,10 +267,11 @@ class TopupTerminal:
         if product is None:
             raise TopupRefused(f"no pass product {product_code} in tariff {self.table.name}")
         purse = Purse(access, self.keys, key_type="B")
-        snap = purse.read()
-        price = pass_price(self.table, product, snap.view().card_type)
-        self._check_credit_only(price, now)
+        snap = self._card(purse, now)
         pass_ = self.table.pass_for(product_code, now)
+        price = pass_price(self.table, product, snap.view().card_type,
+                           discount_until=snap.identity.discount_until, until=pass_.valid_until)
+        self._check_credit_only(price, now)
         seq = self.db.journal.intent({
             "kind": KIND_TOPUP, "time": now * 1000, "card_number": snap.identity.card_number,
             "uid": bytes(access.uid), "counter_before": snap.counter,
@@ -206,7 +280,9 @@ class TopupTerminal:
             "validator_id": str(self.terminal_id),
         })
         purse.write_pass(PassBlock(product_code, pass_.valid_from, pass_.valid_until))
-        self.db.journal.done(seq, "ok")
+        self.db.journal.done(seq, "ok", fare=price, product=PRODUCT_PASS,
+                             counter_after=snap.counter, balance_before=snap.balance,
+                             balance_after=snap.balance)
         self.ui.show("Abonman yüklendi", f"{tl(price)}", Signal.OK)
         return Receipt(self.terminal_id, snap.identity.card_number, bytes(access.uid), "pass",
                        price, snap.balance, seq, now)
@@ -217,10 +293,18 @@ class TopupTerminal:
             raise TopupRefused(f"over the dealer's credit: {tl(left)} left")
 
 
-def pass_price(table: FareTable, product, card_type) -> int:
+def pass_price(table: FareTable, product, card_type, *, discount_until: int | None = None,
+               until: int | None = None) -> int:
     """The pass price for this card's rider category (student passes are cheaper); a card
-    type the product has no price for pays the highest (full) price."""
+    type the product has no price for pays the highest (full) price.
+
+    Given ``until`` (the end of the pass), a category that needs the yearly re-validation
+    pays its price only if the card's discount lasts as long as the pass; otherwise the
+    default (full) category's: docs/fares.md, "Pass against discount"."""
     category = table.category_for(card_type)
+    if (category is not None and category.revalidation and until is not None
+            and (discount_until is None or discount_until < until)):
+        category = table.default_category
     amounts = dict(product.amounts)
     if category is not None and category.category_id in amounts:
         return amounts[category.category_id]
