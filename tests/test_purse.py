@@ -128,8 +128,8 @@ def test_pass_is_written_with_key_b_and_verified():
     purse.write_pass(pass_for(7, NOW + 1234))
     snap = rig.snapshot()
     assert snap.pass_block.product_id == 7
-    assert snap.pass_block.valid_from == NOW  # from the hour it was loaded
-    assert snap.pass_block.valid_until == NOW + 30 * 86400 - 1
+    assert snap.pass_block.valid_from == NOW + 1234  # from the moment it was loaded
+    assert snap.pass_block.valid_until == NOW + 1234 + 30 * 86400
 
 
 def cracked_write(rig: Rig, block: int, data: bytes) -> None:

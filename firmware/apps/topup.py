@@ -203,6 +203,10 @@ class TopupTerminal:
         self._settle(snap, now)
         if snap.blocked:
             raise TopupRefused("the card is blocked: send the holder to the KONYAKART office")
+        if self.db.blacklist.lookup(snap.identity.card_number) is not None:
+            raise TopupRefused("the card is on the blacklist: no loads (KONYAKART office)")
+        if snap.identity.expires <= now:
+            raise TopupRefused("the card has expired: the holder needs a new card")
         return snap
 
     def _settle(self, snap: CardSnapshot, now: int) -> None:

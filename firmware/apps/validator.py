@@ -198,6 +198,7 @@ class Validator:
                 log.info("validator %s back in service", self.config.device_id)
         except StoreUnavailable as exc:
             self.out_of_service = True
+            out.accepted = False  # nothing was charged (or it is in doubt): not a boarding
             out.note = "out of service"
             log.error("validator %s out of service: %s", self.config.device_id, exc)
             self.ui.show("HİZMET DIŞI", "Out of service", Signal.OUT_OF_SERVICE)
@@ -235,6 +236,7 @@ class Validator:
         try:
             self._process(purse, snap, uid, now, out)
         except (CardNeedsService, CardForged) as exc:
+            out.accepted = False
             out.note = str(exc)
             self.ui.show("Bilet gişesine", "See ticket office", Signal.REJECT)
         except StoreUnavailable:
@@ -242,6 +244,7 @@ class Validator:
         except CoreError as exc:
             # the card left the field (or a bit error) mid-update: the intent stays open and
             # the card's counter settles it at the next tap
+            out.accepted = False
             out.note = f"write interrupted: {exc}"
             log.info("tap card=%s: interrupted: %s", snap.identity.card_number, exc)
             self.cards.forget()
@@ -273,7 +276,12 @@ class Validator:
             return
         blacklisted = self.db.blacklist.lookup(number) is not None
         if not blacklisted and not snap.blocked:
-            snap = self._apply_actions(purse, snap, uid, now, out)
+            loaded = self._apply_actions(purse, snap, uid, now, out)
+            if loaded is not snap:
+                # the loader left the card authenticated elsewhere with key B: the ride
+                # starts a fresh session rather than trusting ``purse``'s idea of the sector
+                purse = Purse(purse.access, self.keys)
+            snap = loaded
         decision = fares.decide(snap.view(), self.table, now, self.ctx, 1,
                                 blacklisted=blacklisted)
         out.reason, out.accepted = decision.reason, decision.accepted
@@ -305,6 +313,8 @@ class Validator:
             line2 = "Abonman"
         notice = decision.notice
         signal = Signal.INFO if notice is not None else Signal.OK
+        if notice is not None:  # "Vize süresi doldu", "Abonman süresi doldu" (docs/fares.md)
+            line2 = f"{notice.message_tr} · {line2}"
         self.ui.show(f"{decision.reason.message_tr} {tl(decision.fare)}", line2, signal)
 
     def _repair_day_spent(self, snap: CardSnapshot, trip: TripRecord) -> int:
@@ -320,15 +330,26 @@ class Validator:
             if intent.card_number != snap.identity.card_number:
                 continue
             target = intent.counter_after
-            found = snap.trip_with_counter(target) if target is not None else None
-            if target is not None and snap.counter >= target and (
-                found is not None or snap.counter > target
-            ):
+            if target is None or intent.counter_before == target:
+                continue  # a pass load (no counter change): the center settles it
+            found = snap.trip_with_counter(target)
+            ours = found is not None and found[1].validator_id == self.config.validator_id \
+                and found[1].time == intent.time // 1000
+            if ours and snap.counter >= target:
+                # a top-up that reached the card is applied: mark its action in the same
+                # transaction, or the next lines would load it a second time
+                action = (self.db.actions.get(intent.action_id)
+                          if intent.kind == KIND_ACTION_APPLIED
+                          and intent.product == PRODUCT_TOPUP else None)
                 journal.done(intent.seq, "ok-late", counter_after=target,
-                             balance_after=intent.balance_after, time=now * 1000)
-            else:
+                             balance_after=intent.balance_after, time=now * 1000,
+                             apply_action=action is not None and action.applied_seq is None)
+            elif snap.counter < target or found is not None:
+                # the card never reached that counter, or another device's update holds it
                 journal.done(intent.seq, "not-charged", counter_after=snap.counter,
                              balance_after=snap.balance, time=now * 1000)
+            # else: the entry has scrolled out of the two-entry trip log; the intent stays
+            # open and the center settles it from every device's records
 
     def _apply_actions(self, purse: Purse, snap: CardSnapshot, uid: bytes, now: int,
                        out: TapOutcome) -> CardSnapshot:

@@ -380,7 +380,7 @@ class Purse:
 
 
 def pass_for(product_id: int, loaded_at: int, days: int = 30) -> PassBlock:
-    """A pass valid ``days`` days from the hour it was loaded (as Turkish cities sell them)."""
-    start = loaded_at - loaded_at % 3600
-    return PassBlock(product_id, start, start + int(timedelta(days=days).total_seconds()) - 1)
-
+    """A pass block valid for ``days`` days from the moment it was loaded, with an exclusive
+    end: the same rule as :meth:`firmware.core.fares.FareTable.pass_for`, which top-up
+    terminals use with the tariff's validity."""
+    return PassBlock(product_id, loaded_at, loaded_at + int(timedelta(days=days).total_seconds()))

@@ -1,4 +1,5 @@
-"""Test-wide settings: bounded hypothesis runs in CI, longer ones on demand (AFC_SLOW=1)."""
+"""Settings for tests/ and hil_tests/: bounded hypothesis runs in CI, longer ones on demand
+(AFC_SLOW=1), and the `slow` marker skipped unless AFC_SLOW=1."""
 
 from __future__ import annotations
 
