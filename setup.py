@@ -11,6 +11,7 @@ from setuptools import Extension, setup
 
 extensions = [
     Extension("firmware.core._crypto1", ["firmware/core/_crypto1.pyx"]),
+    Extension("firmware.core._framing", ["firmware/core/_framing.pyx"]),
 ]
 
 setup(

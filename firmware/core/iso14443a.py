@@ -6,6 +6,11 @@ the parity bits too, so the framing is kept explicit here instead of being hidde
 chip: :class:`BitFrame` is exactly the sequence of bits on the air, which is what the host
 hands to a PN532 in transparent mode (CRC and parity generation switched off) and what a
 virtual card receives.
+
+The hot functions (:func:`crc_a`, :func:`with_crc`, :func:`strip_crc`, :func:`encode`,
+:func:`split`, :func:`decode`) are the Cython versions from :mod:`._framing`; the pure-Python
+functions of the same name with a ``_ref`` suffix below are their specification, and the tests
+check the two against each other.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ def _crc_table() -> tuple[int, ...]:
 _CRC_TABLE = _crc_table()
 
 
-def crc_a(data: bytes) -> bytes:
+def crc_a_ref(data: bytes) -> bytes:
     """CRC_A of ``data`` (ITU-V.41 polynomial, preset 0x6363), 2 bytes, low byte first."""
     crc = CRC_A_INIT
     table = _CRC_TABLE
@@ -51,19 +56,19 @@ def crc_a(data: bytes) -> bytes:
     return bytes((crc & 0xFF, crc >> 8))
 
 
-def with_crc(data: bytes) -> bytes:
+def with_crc_ref(data: bytes) -> bytes:
     """``data`` followed by its CRC_A, as a card or reader sends it."""
-    return bytes(data) + crc_a(data)
+    return bytes(data) + crc_a_ref(data)
 
 
-def strip_crc(frame: bytes) -> bytes:
+def strip_crc_ref(frame: bytes) -> bytes:
     """Check the CRC_A at the end of ``frame`` and return the payload before it."""
     if len(frame) < 3:
         raise CrcError(f"frame of {len(frame)} bytes is too short to carry a CRC_A")
     payload, crc = frame[:-2], frame[-2:]
-    if crc_a(payload) != crc:
+    if crc_a_ref(payload) != crc:
         raise CrcError(
-            f"CRC_A mismatch: frame ends in {crc.hex()}, contents give {crc_a(payload).hex()}"
+            f"CRC_A mismatch: frame ends in {crc.hex()}, contents give {crc_a_ref(payload).hex()}"
         )
     return bytes(payload)
 
@@ -133,7 +138,7 @@ def short_frame(command: int) -> BitFrame:
     return BitFrame(command, 7)
 
 
-def encode(data: bytes, parity: Sequence[int] | None = None) -> BitFrame:
+def encode_ref(data: bytes, parity: Sequence[int] | None = None) -> BitFrame:
     """A standard frame: each byte's 8 bits, LSB first, then its parity bit.
 
     ``parity`` overrides the computed odd parity per byte (MIFARE Classic sends encrypted
@@ -154,7 +159,7 @@ def encode(data: bytes, parity: Sequence[int] | None = None) -> BitFrame:
     return BitFrame(value, shift)
 
 
-def split(frame: BitFrame) -> tuple[bytes, list[int]]:
+def split_ref(frame: BitFrame) -> tuple[bytes, list[int]]:
     """Split a standard frame into its bytes and its parity bits, checking nothing."""
     if frame.length % 9:
         raise FrameError(
@@ -172,9 +177,9 @@ def split(frame: BitFrame) -> tuple[bytes, list[int]]:
     return bytes(data), parity
 
 
-def decode(frame: BitFrame) -> bytes:
+def decode_ref(frame: BitFrame) -> bytes:
     """The bytes of a standard frame whose parity bits must be the plain odd parity."""
-    data, parity = split(frame)
+    data, parity = split_ref(frame)
     for i, (b, p) in enumerate(zip(data, parity, strict=True)):
         if _PARITY[b] != p:
             raise ParityError(f"parity error in byte {i} of {len(data)} (0x{b:02x})")
@@ -196,3 +201,43 @@ def concat(frames: Iterable[BitFrame]) -> BitFrame:
         value |= f.bits << shift
         shift += f.length
     return BitFrame(value, shift)
+
+
+# The fast paths: same names, signatures, results and exceptions as the ``_ref`` functions above
+# (imported last: they take BitFrame, the tables and the references from this module).
+try:
+    from ._framing import crc_a, decode, encode, split, strip_crc, with_crc
+except ImportError as exc:  # pragma: no cover - only on a checkout that skipped the build
+    raise ImportError(
+        "the compiled framing core (firmware.core._framing) is missing: run `scripts/dev setup` "
+        "(or `pip install -e .`) to build it"
+    ) from exc
+
+__all__ = [
+    "CASCADE_TAG",
+    "CRC_A_INIT",
+    "HLTA",
+    "REQA",
+    "SEL_CL1",
+    "SEL_CL2",
+    "SEL_CL3",
+    "SILENCE",
+    "WUPA",
+    "BitFrame",
+    "concat",
+    "crc_a",
+    "crc_a_ref",
+    "decode",
+    "decode_ref",
+    "encode",
+    "encode_bits",
+    "encode_ref",
+    "odd_parity",
+    "short_frame",
+    "split",
+    "split_ref",
+    "strip_crc",
+    "strip_crc_ref",
+    "with_crc",
+    "with_crc_ref",
+]
