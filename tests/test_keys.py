@@ -630,6 +630,7 @@ def test_cli_generate_list_and_use_a_store(afc, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
         "classic-sector  current 1  versions 1",
+        "journal-mac  current 1  versions 1",
         "purse-mac  current 1  versions 1",
     ]
 

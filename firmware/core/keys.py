@@ -85,7 +85,8 @@ CLASSIC_KEY_NAME = "classic-sector"
 #: The store key for purse MACs (AES-CMAC over the purse record).
 PURSE_MAC_KEY_NAME = "purse-mac"
 #: What ``FileKeyStore.generate`` creates when not told otherwise.
-DEFAULT_KEY_NAMES = (CLASSIC_KEY_NAME, PURSE_MAC_KEY_NAME)
+JOURNAL_MAC_KEY_NAME = "journal-mac"
+DEFAULT_KEY_NAMES = (CLASSIC_KEY_NAME, PURSE_MAC_KEY_NAME, JOURNAL_MAC_KEY_NAME)
 
 _BytesLike = bytes | bytearray | memoryview
 

@@ -79,6 +79,25 @@ class Conn:
         return None if row is None else row[0]
 
     @contextmanager
+    def write_lazy(self, what: str) -> Iterator[sqlite3.Connection]:
+        """A write transaction whose commit is not fsynced on return (``synchronous=NORMAL``
+        for this one commit): it becomes durable with the next ordinary :meth:`write`, which
+        fsyncs the whole WAL, or at the next checkpoint. Only for records whose loss in a
+        power cut is recovered from elsewhere (a journal *done*: the open intent is settled
+        from the card's counter)."""
+        self._check_open()
+        try:
+            self.raw.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            raise wrap_sqlite_error(exc, what) from exc
+        try:
+            with self.write(what) as raw:
+                yield raw
+        finally:
+            with suppress(sqlite3.Error):
+                self.raw.execute("PRAGMA synchronous=FULL")
+
+    @contextmanager
     def write(self, what: str) -> Iterator[sqlite3.Connection]:
         """A write transaction: ``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error.
 

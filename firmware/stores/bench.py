@@ -143,9 +143,7 @@ def bench_journal(
         Path(f"{path}{suffix}").unlink(missing_ok=True)
     keys = MemoryKeyStore({JOURNAL_MAC_KEY_NAME: rng.randbytes(16)})
     cards = [rng.randrange(_CARD_LO, _CARD_HI) for _ in range(500)]
-    with DeviceDatabase.open(
-        path, device_id="bench", journal_key=keys, wal_autocheckpoint=0
-    ) as db:
+    with DeviceDatabase.open(path, device_id="bench", journal_key=keys, wal_autocheckpoint=0) as db:
         journal = db.journal
         db.checkpoint("TRUNCATE")
         wal_before = db.storage_stats()["wal_bytes"]

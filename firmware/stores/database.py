@@ -18,7 +18,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from firmware.core.keys import KeyStore
+from firmware.core.keys import JOURNAL_MAC_KEY_NAME, KeyStore
 
 from ._sql import Conn, check_int
 from .actions import ActionList
@@ -29,8 +29,6 @@ from .schema import migrate
 
 __all__ = ["JOURNAL_MAC_KEY_NAME", "DeviceDatabase", "JournalKey"]
 
-#: The key store name of the device journal's AES-CMAC key.
-JOURNAL_MAC_KEY_NAME = "journal-mac"
 
 #: What ``journal_key`` accepts: a MAC function, a key store (its ``journal-mac`` key) or a
 #: key store and a key name.
@@ -230,4 +228,3 @@ class DeviceDatabase:
         wal = Path(f"{self.path}-wal")
         stats["wal_bytes"] = wal.stat().st_size if wal.exists() else 0
         return stats
-

@@ -23,15 +23,23 @@ from .errors import StoreError, wrap_sqlite_error
 if TYPE_CHECKING:
     import sqlite_utils
 
-__all__ = ["BLACKLIST_TABLES", "MIGRATIONS", "SCHEMA_VERSION", "migrate"]
+__all__ = [
+    "BLACKLIST_TABLES",
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "blacklist_table_sql",
+    "blacklist_view_sql",
+    "migrate",
+]
 
-#: The two physical blacklist tables: one is in force (behind the ``blacklist`` view), the
-#: other is where the next full list is built.
+#: The two physical tables of full blacklists: one is the base list in force (behind the
+#: ``blacklist`` view, with the ``blacklist_delta`` overlay), the other is where the next
+#: full list is built.
 BLACKLIST_TABLES = ("blacklist_a", "blacklist_b")
 
 
 def blacklist_table_sql(name: str) -> str:
-    """DDL of one physical blacklist table and its UID index (also used to rebuild them)."""
+    """DDL of one physical blacklist table and its UID index."""
     return f"""
         CREATE TABLE {name} (
             card_number INTEGER PRIMARY KEY,
@@ -43,11 +51,24 @@ def blacklist_table_sql(name: str) -> str:
     """
 
 
+def blacklist_view_sql(base: str) -> str:
+    """The ``blacklist`` view: the delta overlay first, then the base list it does not hide.
+
+    A lookup through it is two primary-key seeks (three when the card is in the base list);
+    SQLite pushes ``card_number = ?`` and ``uid = ?`` into both arms of the ``UNION ALL``.
+    """
+    return (
+        "CREATE VIEW blacklist AS "
+        "SELECT card_number, uid, reason, version FROM blacklist_delta WHERE removed = 0 "
+        "UNION ALL "
+        f"SELECT card_number, uid, reason, version FROM {base} AS b WHERE NOT EXISTS "
+        "(SELECT 1 FROM blacklist_delta AS d WHERE d.card_number = b.card_number)"
+    )
+
+
 def _v1(db: sqlite_utils.Database) -> None:
     """The first schema: meta, blacklist, action list, journal, open intents, counters."""
-    db.execute(
-        "CREATE TABLE meta (key TEXT PRIMARY KEY, value ANY) WITHOUT ROWID, STRICT"
-    )
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value ANY) WITHOUT ROWID, STRICT")
     for name in BLACKLIST_TABLES:
         for statement in blacklist_table_sql(name).split(";"):
             if statement.strip():
@@ -72,9 +93,7 @@ def _v1(db: sqlite_utils.Database) -> None:
         ) WITHOUT ROWID, STRICT
         """
     )
-    db.execute(
-        "CREATE INDEX actions_pending ON actions (card_number) WHERE applied_seq IS NULL"
-    )
+    db.execute("CREATE INDEX actions_pending ON actions (card_number) WHERE applied_seq IS NULL")
     db.execute(
         "CREATE INDEX actions_unreported ON actions (applied_seq) "
         "WHERE applied_seq IS NOT NULL AND reported = 0"
@@ -135,10 +154,39 @@ def _v1(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v2(db: sqlite_utils.Database) -> None:
+    """The blacklist delta overlay: deltas stop rewriting the million-entry base table.
+
+    The view is rebuilt over whichever base table is in force; the base keeps every entry
+    applied so far (deltas of schema 1 went into it directly), the overlay starts empty.
+    """
+    db.execute(
+        """
+        CREATE TABLE blacklist_delta (
+            card_number INTEGER PRIMARY KEY,
+            uid BLOB CHECK (uid IS NULL OR length(uid) IN (4, 7, 10)),
+            reason INTEGER NOT NULL CHECK (reason BETWEEN 0 AND 65535),
+            version INTEGER NOT NULL,
+            removed INTEGER NOT NULL CHECK (removed IN (0, 1)),
+            in_base INTEGER NOT NULL CHECK (in_base IN (0, 1))
+        ) WITHOUT ROWID, STRICT
+        """
+    )
+    db.execute(
+        "CREATE INDEX blacklist_delta_uid ON blacklist_delta (uid) "
+        "WHERE uid IS NOT NULL AND removed = 0"
+    )
+    active = db.execute("SELECT value FROM meta WHERE key = 'blacklist_active'").fetchone()[0]
+    if active not in BLACKLIST_TABLES:
+        raise StoreError(f"meta names an unknown blacklist table {active!r}")
+    db.execute("DROP VIEW blacklist")
+    db.execute(blacklist_view_sql(active))
+
+
 Migration = Callable[["sqlite_utils.Database"], None]
 
 #: ``MIGRATIONS[i]`` migrates schema version ``i`` to ``i + 1``. Append, never edit.
-MIGRATIONS: list[Migration] = [_v1]
+MIGRATIONS: list[Migration] = [_v1, _v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -147,31 +195,25 @@ def _user_version(conn: sqlite3.Connection) -> int:
 
 
 def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the database to :data:`SCHEMA_VERSION`; returns the version it was at before.
+    """Bring the database to the latest schema (:data:`SCHEMA_VERSION`); returns the version
+    it was at before.
 
     ``conn`` must be in autocommit mode (``isolation_level=None``) with no open transaction.
     """
+    target = len(MIGRATIONS)
     try:
         before = _user_version(conn)
-        if before == SCHEMA_VERSION:
+        if before == target:
             return before
-        if before > SCHEMA_VERSION:
-            raise StoreError(
-                f"the database has schema version {before}, newer than this software's "
-                f"{SCHEMA_VERSION}: refusing to use it"
-            )
+        _refuse_newer(before, target)
         import sqlite_utils
 
         db = sqlite_utils.Database(conn, recursive_triggers=False, execute_plugins=False)
         conn.execute("BEGIN IMMEDIATE")
         try:
             before = _user_version(conn)  # another process may have migrated meanwhile
-            if before > SCHEMA_VERSION:
-                raise StoreError(
-                    f"the database has schema version {before}, newer than this software's "
-                    f"{SCHEMA_VERSION}: refusing to use it"
-                )
-            for version in range(before, SCHEMA_VERSION):
+            _refuse_newer(before, target)
+            for version in range(before, target):
                 MIGRATIONS[version](db)
                 conn.execute(f"PRAGMA user_version = {version + 1}")
             conn.execute("COMMIT")
@@ -182,3 +224,11 @@ def migrate(conn: sqlite3.Connection) -> int:
         return before
     except sqlite3.Error as exc:
         raise wrap_sqlite_error(exc, "schema migration") from exc
+
+
+def _refuse_newer(version: int, target: int) -> None:
+    if version > target:
+        raise StoreError(
+            f"the database has schema version {version}, newer than this software's "
+            f"{target}: refusing to use it"
+        )
