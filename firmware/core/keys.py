@@ -27,6 +27,8 @@ from typing import NoReturn
 from cryptography.hazmat.primitives import cmac as _cmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from firmware.durable import fsync_dir
+
 from .errors import CodecError, KeyStoreError
 
 __all__ = [
@@ -494,7 +496,7 @@ class FileKeyStore(_SoftwareKeyStore):
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return cls.open(path)
 
     @classmethod
@@ -528,20 +530,6 @@ def _check_private(path: Path, info: os.stat_result) -> None:
             f"key store {path} has mode {mode:04o}: other accounts can read or change the "
             f"master keys; refusing it. Fix: chmod 600 {quoted}"
         )
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Without it a power cut right after creation can lose the new name, and with it the keys.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _format(table: Mapping[str, Mapping[int, bytes]], current: Mapping[str, int]) -> str:

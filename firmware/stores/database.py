@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from firmware.core.keys import JOURNAL_MAC_KEY_NAME, KeyStore
+from firmware.durable import fsync_dir
 
 from ._sql import Conn, check_int
 from .actions import ActionList
@@ -59,21 +60,6 @@ def _mac_function(journal_key: JournalKey | None) -> MacFunction | None:
         return store.cmac(name, data)
 
     return mac
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a newly created file's directory entry durable (SQLite syncs the WAL's, not the
-    main file's)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class DeviceDatabase:
@@ -133,7 +119,7 @@ class DeviceDatabase:
             conn.close()
             raise
         if created:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         return cls(conn, path, device_id, mac)
 
     @staticmethod

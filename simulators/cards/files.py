@@ -31,6 +31,7 @@ from typing import Any
 
 from firmware.core.classic_layout import BLOCK_SIZE, CardType
 from firmware.core.iso14443a import CASCADE_TAG
+from firmware.durable import fsync_dir
 
 from ..errors import CardFileError
 
@@ -361,12 +362,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    with contextlib.suppress(OSError):  # not every platform can open a directory
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    fsync_dir(directory)
 
 
 def save_card_image(
