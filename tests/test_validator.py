@@ -461,6 +461,27 @@ def test_online_topup_is_applied_exactly_once(front, wall):
     assert front.db.journal.verify() == []
 
 
+def test_an_online_load_listed_on_two_validators_reaches_the_card_once(devices, wall):
+    """The center lists an action on every device; the card records the action number it
+    received, so the second device does not load it again."""
+    card = make_card(FULL)
+    action = {"action_id": "web-7", "card_number": FULL.number, "kind": "topup",
+              "amount": TOPUP, "valid_until": FAR_FUTURE_MS, "card_seq": 1}
+    first, second = devices(FRONT), devices(OTHER_LINE)
+    for dev in (first, second):
+        dev.db.actions.replace_all(1, [action])
+    out = first.tap(card)
+    assert out.balance == FULL.balance + TOPUP - FULL_FARE
+    assert read(card).identity.actions_applied == 1
+    wall.advance(20 * 60)
+    out = second.tap(card)
+    assert out.accepted, out.note
+    snap = read(card)
+    assert snap.balance == FULL.balance + TOPUP - FULL_FARE - out.fare  # loaded once only
+    assert [r for r in second.journal() if r.kind == KIND_ACTION_APPLIED] == []
+    assert second.db.actions.applied_unreported() == []
+
+
 # -- 2. security ----------------------------------------------------------------------------
 
 

@@ -359,6 +359,11 @@ class Validator:
         purpose (in production, a SAM that only performs increments for signed actions)."""
         actions = self.db.actions.pending_for(snap.identity.card_number, now * 1000)
         for action in actions:
+            if action.card_seq is not None and action.card_seq <= snap.identity.actions_applied:
+                # another device already loaded it: the center hears of it from that device
+                log.info("action %s for card=%s is already on the card", action.action_id,
+                         snap.identity.card_number)
+                continue
             loader = Purse(purse.access, self.keys, key_type="B")
             base = {**self._base(snap, uid, now), "kind": KIND_ACTION_APPLIED,
                     "action_id": action.action_id}
@@ -383,6 +388,8 @@ class Validator:
                 snap = replace(snap, pass_block=block)
             else:
                 continue
+            if action.card_seq is not None:
+                snap = loader.record_action(snap, action.card_seq)
             self.db.journal.done(seq, "ok", apply_action=True, counter_after=snap.counter,
                                  balance_after=snap.balance)
             out.seqs.append(seq)

@@ -168,8 +168,9 @@ class Identity:
     discount_until: int | None  # unix time (exclusive) of the yearly re-validation; None: none
     key_version: int  # u8: which generation of master keys this card's keys came from
     holder_ref: bytes  # 8 bytes: reference to the holder's file at the office (not personal data)
+    actions_applied: int = 0  # u16: the highest center action number this card has received
 
-    _FMT = struct.Struct("<IBBHHHB")  # 13 bytes, then 3 reserved
+    _FMT = struct.Struct("<IBBHHHBH")  # 15 bytes, then 1 reserved
 
     def blocks(self, macs: CardMacs) -> tuple[bytes, bytes]:
         """Blocks 4 and 5."""
@@ -184,7 +185,8 @@ class Identity:
                 _u16_day(self.expires, "expiry date"),
                 _u16_day(self.discount_until, "discount end"),
                 self.key_version,
-            ) + bytes(3)
+                self.actions_applied,
+            ) + bytes(1)
         except struct.error as exc:
             raise CodecError(f"identity field out of range: {exc}") from None
         tag = macs.mac("identity", b4 + self.holder_ref, IDENTITY_MAC_LEN)
@@ -197,12 +199,12 @@ class Identity:
             raise CodecError("identity blocks are 16 bytes each")
         if not macs.check("identity", b4 + b5[:8], b5[8:16]):
             raise CardForged("identity MAC does not verify: card type or dates were altered")
-        number, ctype, issuer, issued, expires, discount, kv = cls._FMT.unpack(b4[:13])
+        number, ctype, issuer, issued, expires, discount, kv, actions = cls._FMT.unpack(b4[:15])
         # "valid until" dates are inclusive on the card and exclusive (next local midnight)
         # for the fare engine
         return cls(
             number, ctype, issuer, day_start(issued), day_start(expires + 1),
-            day_start(discount + 1) if discount else None, kv, bytes(b5[:8]),
+            day_start(discount + 1) if discount else None, kv, bytes(b5[:8]), actions,
         )
 
 

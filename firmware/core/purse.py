@@ -182,7 +182,7 @@ class Purse:
         self.key_type = key_type
         self.card_type = card_type
         self._macs: CardMacs | None = None
-        self._sector: int | None = None
+        self._sector: tuple[int, str] | None = None  # the open session: (sector, key)
 
     @property
     def macs(self) -> CardMacs:
@@ -194,10 +194,11 @@ class Purse:
         kt = key_type or self.key_type
         key = self.store.classic_key(self.uid, sector, kt)
         self.access.authenticate(layout.first_block(sector, self.card_type), key, kt)
-        self._sector = sector
+        self._sector = (sector, kt)
 
     def _in(self, sector: int, key_type: str | None = None) -> None:
-        if self._sector != sector or key_type:
+        """Authenticate unless the session is already on ``sector`` with that key."""
+        if self._sector != (sector, key_type or self.key_type):
             self._auth(sector, key_type)
 
     # -- reading ---------------------------------------------------------------------------
@@ -324,6 +325,18 @@ class Purse:
             snap, purse=new.balance, backup=new.balance, record=new, trips=tuple(trips),
             state=PurseState.CONSISTENT, pending=None,
         )
+
+    def record_action(self, snap: CardSnapshot, card_seq: int) -> CardSnapshot:
+        """Record on the card that it received the center's action ``card_seq`` (key B):
+        a load listed on several devices is then applied by the first one only. Written
+        after the load itself, so a tear can never lose a paid load (at worst a second
+        device that still lists the action loads it again before the center withdraws it)."""
+        identity = replace(snap.identity, actions_applied=card_seq)
+        b4, b5 = identity.blocks(self.macs)
+        self._auth(cl.IDENTITY_SECTOR, "B")
+        self.access.write(cl.BLOCK_IDENTITY, b4)
+        self.access.write(cl.BLOCK_HOLDER, b5)
+        return replace(snap, identity=identity)
 
     def block_card(self) -> None:
         """Set the status block to 'blocked' (a DECREMENT: key A can never undo it)."""

@@ -41,6 +41,7 @@ class Action:
     valid_until: int
     amount: int | None = None
     product_id: int | None = None
+    card_seq: int | None = None  # the center's per-card action number (1, 2, ...)
     version: int = 0
     applied_seq: int | None = None
     reported: bool = False
@@ -53,23 +54,27 @@ _COLUMNS = (
     "valid_until",
     "amount",
     "product_id",
+    "card_seq",
     "version",
     "applied_seq",
     "reported",
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM actions"
-_INPUT_FIELDS = ("action_id", "card_number", "kind", "valid_until", "amount", "product_id")
+_INPUT_FIELDS = (
+    "action_id", "card_number", "kind", "valid_until", "amount", "product_id", "card_seq",
+)
 # Insert a listed action; one the device already has keeps its applied state (and, once
 # applied, its fields: they describe what was loaded).
 _UPSERT = (
     "INSERT INTO actions (action_id, card_number, kind, valid_until, amount, product_id, "
-    "version, listed) VALUES (?, ?, ?, ?, ?, ?, ?, 1) "
+    "card_seq, version, listed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1) "
     "ON CONFLICT (action_id) DO UPDATE SET listed = 1, version = excluded.version, "
     "card_number = iif(applied_seq IS NULL, excluded.card_number, card_number), "
     "kind = iif(applied_seq IS NULL, excluded.kind, kind), "
     "valid_until = iif(applied_seq IS NULL, excluded.valid_until, valid_until), "
     "amount = iif(applied_seq IS NULL, excluded.amount, amount), "
-    "product_id = iif(applied_seq IS NULL, excluded.product_id, product_id)"
+    "product_id = iif(applied_seq IS NULL, excluded.product_id, product_id), "
+    "card_seq = iif(applied_seq IS NULL, excluded.card_seq, card_seq)"
 )
 # Applied, reported and no longer listed: the center knows, the row can go.
 _FORGET = "DELETE FROM actions WHERE listed = 0 AND reported = 1"
@@ -100,6 +105,8 @@ def _row(action: Action | Mapping[str, Any], version: int) -> tuple[Any, ...]:
             raise InvalidRecord(f"pass action {action.action_id!r} must not carry an amount")
     else:
         raise InvalidRecord(f"action kind must be one of {ACTION_KINDS}, got {action.kind!r}")
+    if action.card_seq is not None:
+        check_int(action.card_seq, "card_seq", 1, 0xFFFF)
     return (
         action.action_id,
         to_sql_u64(action.card_number),
@@ -107,6 +114,7 @@ def _row(action: Action | Mapping[str, Any], version: int) -> tuple[Any, ...]:
         action.valid_until,
         action.amount,
         action.product_id,
+        action.card_seq,
         version,
     )
 

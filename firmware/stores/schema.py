@@ -183,10 +183,19 @@ def _v2(db: sqlite_utils.Database) -> None:
     db.execute(blacklist_view_sql(active))
 
 
+def _v3(db: sqlite_utils.Database) -> None:
+    """Actions carry the center's per-card action number, which the card records when it
+    receives a load: a load listed on several devices reaches the card once."""
+    db.execute(
+        "ALTER TABLE actions ADD COLUMN card_seq INTEGER "
+        "CHECK (card_seq IS NULL OR card_seq BETWEEN 1 AND 65535)"
+    )
+
+
 Migration = Callable[["sqlite_utils.Database"], None]
 
 #: ``MIGRATIONS[i]`` migrates schema version ``i`` to ``i + 1``. Append, never edit.
-MIGRATIONS: list[Migration] = [_v1, _v2]
+MIGRATIONS: list[Migration] = [_v1, _v2, _v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
