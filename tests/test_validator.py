@@ -25,6 +25,7 @@ from firmware.core import classic_layout as layout
 from firmware.core import tariffs
 from firmware.core.anticollision import Field, select_card
 from firmware.core.card_layout import Identity
+from firmware.core.errors import NoResponseError
 from firmware.core.fares import CardType, Reason, TripProduct
 from firmware.core.keys import MemoryKeyStore
 from firmware.core.mifare import ClassicReader
@@ -810,3 +811,39 @@ def test_clock_set_back_does_not_reopen_anti_passback(front, wall):
     out = front.tap(card)
     assert (out.reason, out.fare) == (Reason.OK, FULL_FARE)
     assert all(r.time >= ride_time * 1000 for r in front.journal())
+
+
+def test_a_torn_online_load_gets_its_number_recorded_when_the_card_returns(
+    devices, wall, monkeypatch
+):
+    """The card leaves right after the load landed, before it recorded the action's number:
+    the same validator records it when it settles its open intent at the next tap, so a
+    second device that still lists the action does not load it again."""
+    action = {"action_id": "web-8", "card_number": FULL.number, "kind": "topup",
+              "amount": TOPUP, "valid_until": FAR_FUTURE_MS, "card_seq": 1}
+    first, second = devices(FRONT), devices(OTHER_LINE)
+    for dev in (first, second):
+        dev.db.actions.replace_all(1, [action])
+    card = make_card(FULL)
+    real_record = Purse.record_action
+
+    def torn(self, snap, card_seq):
+        raise NoResponseError("card removed (test)")
+
+    monkeypatch.setattr(Purse, "record_action", torn)
+    out = first.tap(card)
+    assert not out.accepted
+    landed = read(card)
+    assert landed.balance == FULL.balance + TOPUP and landed.identity.actions_applied == 0
+    assert len(first.db.journal.open_intents()) == 1
+    monkeypatch.setattr(Purse, "record_action", real_record)
+    wall.advance(120)
+    out = first.tap(card)
+    assert out.accepted, out.note
+    assert read(card).identity.actions_applied == 1
+    assert first.db.journal.open_intents() == []
+    wall.advance(20 * 60)
+    out = second.tap(card)
+    assert out.accepted, out.note
+    assert [r for r in second.journal() if r.kind == KIND_ACTION_APPLIED] == []
+    assert read(card).balance == FULL.balance + TOPUP - FULL_FARE - out.fare

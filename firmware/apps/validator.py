@@ -263,7 +263,10 @@ class Validator:
             snap = purse.repair(snap, day_spent=self._repair_day_spent)
             journal.done(seq, "ok", counter_after=snap.counter, balance_after=snap.balance)
             out.seqs.append(seq)
-        self._settle_open_intents(snap, now)
+        settled = self._settle_open_intents(purse, snap, now)
+        if settled is not snap:
+            purse = Purse(purse.access, self.keys)  # a key-B write moved the session
+        snap = settled
         # rolled back or cloned: the card is behind what this device has already seen
         seen = journal.last_counter(number)
         if seen is not None and snap.counter < seen:
@@ -322,7 +325,7 @@ class Validator:
         # fare; keep the old day spend (never over-counts against the rider)
         return snap.record.day_spent
 
-    def _settle_open_intents(self, snap: CardSnapshot, now: int) -> None:
+    def _settle_open_intents(self, purse: Purse, snap: CardSnapshot, now: int) -> CardSnapshot:
         """Close this device's intents for this card: done if the card shows the update,
         not-charged if it does not."""
         journal = self.db.journal
@@ -341,6 +344,12 @@ class Validator:
                 action = (self.db.actions.get(intent.action_id)
                           if intent.kind == KIND_ACTION_APPLIED
                           and intent.product == PRODUCT_TOPUP else None)
+                if action is not None and action.card_seq is not None \
+                        and action.card_seq > snap.identity.actions_applied:
+                    # the load landed but the tear came before the card recorded its
+                    # number: record it now, before closing the intent
+                    loader = Purse(purse.access, self.keys, key_type="B")
+                    snap = loader.record_action(snap, action.card_seq)
                 journal.done(intent.seq, "ok-late", counter_after=target,
                              balance_after=intent.balance_after, time=now * 1000,
                              apply_action=action is not None and action.applied_seq is None)
@@ -350,6 +359,7 @@ class Validator:
                              balance_after=snap.balance, time=now * 1000)
             # else: the entry has scrolled out of the two-entry trip log; the intent stays
             # open and the center settles it from every device's records
+        return snap
 
     def _apply_actions(self, purse: Purse, snap: CardSnapshot, uid: bytes, now: int,
                        out: TapOutcome) -> CardSnapshot:
