@@ -511,11 +511,9 @@ def test_a_torn_pass_sale_is_settled_from_the_pass_block(tmp_path, commit):
         140_000 if commit else 0)
 
 
-# -- known limitation --------------------------------------------------------------------------
+# -- pruning the journal ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="credit used is summed from the journal, and the agent "
-                   "may prune acknowledged records: pruning gives the dealer credit back")
 def test_pruning_acknowledged_records_does_not_give_credit_back(tmp_path):
     bayi = Bayi(tmp_path, balance=0, allowance=allowance(10_000))
     bayi.load(6_000)

@@ -41,7 +41,7 @@ from firmware.core.purse import (
     purse_delta,
     topup_trip,
 )
-from firmware.stores.journal import KIND_TOPUP, PHASE_DONE, PHASE_INTENT, JournalRecord
+from firmware.stores.journal import KIND_TOPUP, JournalRecord
 
 from .ui import Signal, Ui
 from .validator import masked, tl
@@ -144,25 +144,20 @@ class TopupTerminal:
         self.center_key = center_key
         self.daily_limit = daily_limit
 
-    def _loaded(self, since: int, until: int | None = None) -> int:
-        """Kuruş sold by this terminal (top-ups and passes) in [since, until), from its
-        journal: the ``fare`` of every intent made then, unless its done record says the card
-        was never written. An intent still open counts (see the module docstring)."""
-        used: dict[int, int] = {}
-        seq = 0
-        while True:
-            batch = self.db.journal.records(seq, 500)
-            for rec in batch:
-                seq = rec.seq
-                if rec.kind != KIND_TOPUP:
-                    continue
-                if rec.phase == PHASE_INTENT:
-                    if rec.time >= since * 1000 and (until is None or rec.time < until * 1000):
-                        used[rec.seq] = max(0, rec.fare or 0)
-                elif rec.phase == PHASE_DONE and rec.outcome == NOT_CHARGED:
-                    used.pop(rec.link, None)
-            if len(batch) < 500:
-                return sum(used.values())
+    def _tallies(self, amount: int, when: int) -> dict[str, int]:
+        """The running totals a sale at ``when`` moves: the allowance in force then (if any)
+        and the local day. Kept in the journal's own transactions, so they survive the
+        agent pruning acknowledged records; an open intent counts until settled."""
+        tallies = {self._day_key(when): amount}
+        a = self.allowance
+        if a is not None and a.valid_from <= when < a.valid_until:
+            tallies[f"credit:{a.allowance_id}"] = amount
+        return tallies
+
+    @staticmethod
+    def _day_key(when: int) -> str:
+        local = when + 3 * 3600  # Türkiye is UTC+3 all year
+        return f"day:{local // 86400}"
 
     def credit_left(self, now: int) -> int:
         a = self.allowance
@@ -176,7 +171,7 @@ class TopupTerminal:
             )
         if not a.valid_from <= now < a.valid_until:
             raise TopupRefused(f"credit allowance {a.allowance_id} is not valid now")
-        return a.amount - self._loaded(a.valid_from, a.valid_until)
+        return a.amount - self.db.journal.tally(f"credit:{a.allowance_id}")
 
     def _check(self, amount: int, balance: int, now: int) -> None:
         if amount <= 0:
@@ -184,8 +179,7 @@ class TopupTerminal:
         left = self.credit_left(now)
         if amount > left:
             raise TopupRefused(f"over the dealer's credit: {tl(left)} left")
-        day_start = now - (now + 3 * 3600) % 86400  # local midnight (Türkiye is UTC+3)
-        today = self._loaded(day_start)
+        today = self.db.journal.tally(self._day_key(now))
         if today + amount > self.daily_limit:
             raise TopupRefused(
                 f"over the daily limit: {tl(max(0, self.daily_limit - today))} left today"
@@ -225,7 +219,9 @@ class TopupTerminal:
             else:
                 journal.done(intent.seq, NOT_CHARGED, time=now * 1000, fare=0,
                              product=intent.product, counter_after=snap.counter,
-                             balance_before=snap.balance, balance_after=snap.balance)
+                             balance_before=snap.balance, balance_after=snap.balance,
+                             tallies={k: -v for k, v in self._tallies(
+                                 max(0, intent.fare or 0), intent.time // 1000).items()})
 
     def _landed(self, intent: JournalRecord, snap: CardSnapshot) -> bool | None:
         """Whether the card shows the write of ``intent``; None when it cannot tell."""
@@ -256,7 +252,7 @@ class TopupTerminal:
             "counter_after": snap.counter + 1, "balance_before": snap.balance,
             "balance_after": snap.balance + amount, "fare": amount, "product": PRODUCT_TOPUP,
             "validator_id": str(self.terminal_id),
-        })
+        }, tallies=self._tallies(amount, now))
         new = purse.apply(snap, topup_trip(0, now, self.terminal_id, amount))
         self.db.journal.done(seq, "ok", counter_after=new.counter, balance_after=new.balance,
                              balance_before=snap.balance, fare=amount, product=PRODUCT_TOPUP)
@@ -282,7 +278,7 @@ class TopupTerminal:
             "counter_after": snap.counter, "balance_before": snap.balance,
             "balance_after": snap.balance, "fare": price, "product": PRODUCT_PASS,
             "validator_id": str(self.terminal_id),
-        })
+        }, tallies=self._tallies(price, now))
         purse.write_pass(PassBlock(product_code, pass_.valid_from, pass_.valid_until))
         self.db.journal.done(seq, "ok", fare=price, product=PRODUCT_PASS,
                              counter_after=snap.counter, balance_before=snap.balance,

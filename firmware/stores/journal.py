@@ -291,7 +291,12 @@ class Journal:
 
     # -- writing ------------------------------------------------------------------------
 
-    def intent(self, record: JournalRecord | Mapping[str, Any]) -> int:
+    def intent(
+        self,
+        record: JournalRecord | Mapping[str, Any],
+        *,
+        tallies: Mapping[str, int] | None = None,
+    ) -> int:
         """Record that a card write is about to happen; returns its sequence number.
 
         Durable on return: only then may the card be written. The intent stays open (see
@@ -300,6 +305,7 @@ class Journal:
         rec = _as_record(record)
         _validate(rec)
         with self._conn.write("journal intent") as raw:
+            _add_tallies(raw, tallies)
             seq = self._insert(raw, rec, PHASE_INTENT, None)
             raw.execute("INSERT INTO open_intent (seq) VALUES (?)", (seq,))
             # Only what was read from the card counts as seen: the intended counter_after
@@ -307,7 +313,15 @@ class Journal:
             self._note_counter(raw, rec.card_number, rec.counter_before, None, seq)
         return seq
 
-    def done(self, seq: int, outcome: str, *, apply_action: bool = False, **fields: Any) -> int:
+    def done(
+        self,
+        seq: int,
+        outcome: str,
+        *,
+        apply_action: bool = False,
+        tallies: Mapping[str, int] | None = None,
+        **fields: Any,
+    ) -> int:
         """Close intent ``seq`` with ``outcome``; returns the done record's sequence number.
 
         ``fields`` are record fields of the done record (``counter_after``,
@@ -327,6 +341,7 @@ class Journal:
         # device settles it from the card's counter and trip log at the card's next tap, so
         # the guarantee of DESIGN.md holds with one fsync per tap instead of two.
         with self._conn.write_lazy("journal done") as raw:
+            _add_tallies(raw, tallies)
             if raw.execute("DELETE FROM open_intent WHERE seq = ?", (seq,)).rowcount != 1:
                 raise NotFound(f"journal record {seq} is not an open intent")
             kind, time, card, uid, action_id = raw.execute(
@@ -459,6 +474,12 @@ class Journal:
         ).fetchall()
         return self._checked([self._row_to_record(r) for r in rows], verify)
 
+    def tally(self, name: str) -> int:
+        """A running total kept with the records (e.g. a dealer's credit used): it survives
+        :meth:`prune_acked`, unlike a sum over the records."""
+        value = self._conn.one("SELECT total FROM tallies WHERE name = ?", (name,), "tally")
+        return 0 if value is None else int(value)
+
     def last_counter(self, card_number: int) -> int | None:
         """The highest card transaction counter this device has seen for the card, or None.
 
@@ -557,6 +578,19 @@ class Journal:
         if isinstance(card, int):
             values["card_number"] = from_sql_u64(card)
         return JournalRecord(device_id=self._device_id, **values)
+
+
+def _add_tallies(raw: sqlite3.Connection, tallies: Mapping[str, int] | None) -> None:
+    """Add to running totals in the caller's transaction: they move with the record that
+    justifies them, or not at all."""
+    for name, delta in (tallies or {}).items():
+        check_text(name, "tally name")
+        check_int(delta, "tally delta")
+        raw.execute(
+            "INSERT INTO tallies (name, total) VALUES (?, ?) "
+            "ON CONFLICT (name) DO UPDATE SET total = total + excluded.total",
+            (name, delta),
+        )
 
 
 def mark_action_applied(raw: sqlite3.Connection, action_id: str, journal_seq: int) -> None:

@@ -192,10 +192,19 @@ def _v3(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v4(db: sqlite_utils.Database) -> None:
+    """Running totals kept in the journal's transactions (a dealer's credit used, loads per
+    day), so pruning acknowledged records does not reset them."""
+    db.execute(
+        "CREATE TABLE tallies (name TEXT PRIMARY KEY, total INTEGER NOT NULL) "
+        "WITHOUT ROWID, STRICT"
+    )
+
+
 Migration = Callable[["sqlite_utils.Database"], None]
 
 #: ``MIGRATIONS[i]`` migrates schema version ``i`` to ``i + 1``. Append, never edit.
-MIGRATIONS: list[Migration] = [_v1, _v2, _v3]
+MIGRATIONS: list[Migration] = [_v1, _v2, _v3, _v4]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
