@@ -847,3 +847,38 @@ def test_a_torn_online_load_gets_its_number_recorded_when_the_card_returns(
     assert out.accepted, out.note
     assert [r for r in second.journal() if r.kind == KIND_ACTION_APPLIED] == []
     assert read(card).balance == FULL.balance + TOPUP - FULL_FARE - out.fare
+
+
+@pytest.mark.parametrize("landed", [True, False], ids=["written", "not-written"])
+def test_a_torn_online_pass_load_is_settled_from_the_pass_block(front, wall, monkeypatch,
+                                                                   landed):
+    """A pass load changes no counter: after a tear the pass block itself says whether it
+    landed, and the action is applied exactly once either way."""
+    front.db.actions.replace_all(1, [{
+        "action_id": "pass-1", "card_number": FULL.number, "kind": "pass", "product_id": 1,
+        "valid_until": FAR_FUTURE_MS}])
+    card = make_card(FULL)
+    real_write = Purse.write_pass
+
+    def torn(self, block):
+        if landed:
+            real_write(self, block)
+        raise NoResponseError("card removed (test)")
+
+    monkeypatch.setattr(Purse, "write_pass", torn)
+    out = front.tap(card)
+    assert not out.accepted
+    assert len(front.db.journal.open_intents()) == 1
+    assert (read(card).pass_block is not None) == landed
+    monkeypatch.setattr(Purse, "write_pass", real_write)
+    wall.advance(120)
+    out = front.tap(card)
+    assert out.accepted, out.note
+    assert front.db.journal.open_intents() == []
+    snap = read(card)
+    assert snap.pass_block is not None and snap.pass_block.product_id == 1
+    applied = front.db.actions.applied_unreported()
+    assert [a.action_id for a in applied] == ["pass-1"]
+    outcomes = [r.outcome for r in front.journal()
+                if r.kind == KIND_ACTION_APPLIED and r.phase == PHASE_DONE]
+    assert outcomes == (["ok-late"] if landed else ["not-charged", "ok"])

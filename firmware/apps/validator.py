@@ -332,9 +332,12 @@ class Validator:
         for intent in journal.open_intents():
             if intent.card_number != snap.identity.card_number:
                 continue
+            if intent.kind == KIND_ACTION_APPLIED and intent.product == PRODUCT_PASS:
+                self._settle_pass_intent(intent, snap, now)
+                continue
             target = intent.counter_after
             if target is None or intent.counter_before == target:
-                continue  # a pass load (no counter change): the center settles it
+                continue  # nothing on the card can tell: the center settles it
             found = snap.trip_with_counter(target)
             ours = found is not None and found[1].validator_id == self.config.validator_id \
                 and found[1].time == intent.time // 1000
@@ -360,6 +363,21 @@ class Validator:
             # else: the entry has scrolled out of the two-entry trip log; the intent stays
             # open and the center settles it from every device's records
         return snap
+
+    def _settle_pass_intent(self, intent, snap: CardSnapshot, now: int) -> None:
+        """A pass load changes no counter; the pass block itself tells whether it landed:
+        this validator writes passes valid from the moment of the tap."""
+        when = intent.time // 1000
+        block = snap.pass_block
+        journal = self.db.journal
+        if block is not None and block.valid_from == when:
+            action = self.db.actions.get(intent.action_id) if intent.action_id else None
+            journal.done(intent.seq, "ok-late", time=now * 1000, counter_after=snap.counter,
+                         apply_action=action is not None and action.applied_seq is None)
+        elif block is None or block.valid_from < when:
+            journal.done(intent.seq, "not-charged", time=now * 1000,
+                         counter_after=snap.counter)
+        # else: a newer pass was written since; the center settles it
 
     def _apply_actions(self, purse: Purse, snap: CardSnapshot, uid: bytes, now: int,
                        out: TapOutcome) -> CardSnapshot:
