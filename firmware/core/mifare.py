@@ -425,6 +425,11 @@ def _decoded_access_bits(raw: bytes) -> layout.AccessConditions | None:
 
 
 _block_permits = functools.lru_cache(maxsize=4096)(layout.block_permits)
+# The card's geometry lookups validate their arguments each time; a card in a tight loop
+# asks the same few questions, so it asks them once.
+_sector_of = functools.lru_cache(maxsize=1024)(layout.sector_of)
+_is_trailer = functools.lru_cache(maxsize=1024)(layout.is_trailer)
+_trailer_block = functools.lru_cache(maxsize=1024)(layout.trailer_block)
 
 
 class ClassicCard:
@@ -476,7 +481,7 @@ class ClassicCard:
         return bytes(self.memory[16 * n : 16 * n + 16])
 
     def _trailer(self, sector: int) -> bytes:
-        return self.block(layout.trailer_block(sector, self.card_type))
+        return self.block(_trailer_block(sector, self.card_type))
 
     def _conditions(self, sector: int) -> layout.AccessConditions | None:
         """The sector's access conditions, or None when its access bits are corrupt: the
@@ -486,7 +491,7 @@ class ClassicCard:
     def _permits(self, block: int, operation: str) -> bool:
         """Whether the authenticated key may do ``operation`` on ``block`` (the datasheet
         tables, including the rule that a readable key B grants nothing)."""
-        sector = layout.sector_of(block, self.card_type)
+        sector = _sector_of(block, self.card_type)
         if sector != self.auth_sector:
             return False
         conds = self._conditions(sector)
@@ -496,7 +501,7 @@ class ClassicCard:
 
     def _read_trailer(self, block: int) -> bytes:
         """A trailer as a reader sees it: keys and unreadable fields masked out."""
-        sector = layout.sector_of(block, self.card_type)
+        sector = _sector_of(block, self.card_type)
         raw = self._trailer(sector)
         conds = self._conditions(sector)
         if conds is None:
@@ -512,7 +517,7 @@ class ClassicCard:
     def _write_trailer(self, block: int, new: bytes) -> None:
         """Write the trailer fields the access bits let this key write; the others keep
         their old bytes, as on the chip."""
-        sector = layout.sector_of(block, self.card_type)
+        sector = _sector_of(block, self.card_type)
         raw = bytearray(self._trailer(sector))
         conds = self._conditions(sector)
         if conds is None:
@@ -597,7 +602,7 @@ class ClassicCard:
         if cmd == READ:
             if not self._permits(block, "read"):
                 return self._nack(NACK_INVALID_OP)
-            trailer = layout.is_trailer(block, self.card_type)
+            trailer = _is_trailer(block, self.card_type)
             data = self._read_trailer(block) if trailer else self.block(block)
             return self._answer(with_crc(data))
         if cmd == WRITE:
@@ -608,7 +613,7 @@ class ClassicCard:
             return self._ack()
         if cmd in (INCREMENT, DECREMENT, RESTORE):
             op = {INCREMENT: "increment", DECREMENT: "decrement", RESTORE: "restore"}[cmd]
-            if layout.is_trailer(block, self.card_type) or not self._permits(block, op):
+            if _is_trailer(block, self.card_type) or not self._permits(block, op):
                 return self._nack(NACK_INVALID_OP)
             if not layout.is_value_block(self.block(block)):
                 return self._nack(NACK_INVALID_OP)
@@ -619,7 +624,7 @@ class ClassicCard:
         if cmd == TRANSFER:
             if (
                 self._transfer_buffer is None
-                or layout.is_trailer(block, self.card_type)
+                or _is_trailer(block, self.card_type)
                 or not self._permits(block, "transfer")
             ):
                 return self._nack(NACK_INVALID_OP)
@@ -633,7 +638,7 @@ class ClassicCard:
         if len(payload) != 16:
             return self._nack(NACK_INVALID_OP)
         block = self._pending_block
-        if layout.is_trailer(block, self.card_type):
+        if _is_trailer(block, self.card_type):
             self._write_trailer(block, payload)
         else:
             self.memory[16 * block : 16 * block + 16] = payload
@@ -660,7 +665,7 @@ class ClassicCard:
     def _start_auth(self, key_type: KeyType, block: int) -> BitFrame:
         if block >= self.card_type.blocks:
             return self._nack(NACK_INVALID_OP)
-        sector = layout.sector_of(block, self.card_type)
+        sector = _sector_of(block, self.card_type)
         trailer = self._trailer(sector)
         key = trailer[0:6] if key_type is KeyType.A else trailer[10:16]
         nested = self.cipher is not None

@@ -183,6 +183,7 @@ class Purse:
         self.card_type = card_type
         self._macs: CardMacs | None = None
         self._sector: tuple[int, str] | None = None  # the open session: (sector, key)
+        self._keys: dict[tuple[int, str], bytes] = {}
 
     @property
     def macs(self) -> CardMacs:
@@ -192,7 +193,9 @@ class Purse:
 
     def _auth(self, sector: int, key_type: str | None = None) -> None:
         kt = key_type or self.key_type
-        key = self.store.classic_key(self.uid, sector, kt)
+        key = self._keys.get((sector, kt))
+        if key is None:  # derived once per tap (the purse sector is entered twice)
+            key = self._keys[sector, kt] = self.store.classic_key(self.uid, sector, kt)
         self.access.authenticate(layout.first_block(sector, self.card_type), key, kt)
         self._sector = (sector, kt)
 
