@@ -33,7 +33,7 @@ def issue_card(path, keys, *, balance: int, now: int) -> tuple[int, bytes]:
     number = 8_017_001
     Purse(ClassicReader(field.transceive, selected.uid), keys, key_type="B").issue(
         Identity(number, 1, 1, now - 86400, now + 86400 * 3650, None, 1, b"HILTOPUP"),
-        balance=balance, now=now,
+        balance=balance,
     )
     card.save(path)
     return number, card.uid

@@ -26,7 +26,7 @@ def issue_card(path, keys, *, balance: int, seed: int) -> int:
     purse = Purse(ClassicReader(field.transceive, selected.uid), keys, key_type="B")
     number = 7_000_000 + seed
     purse.issue(Identity(number, 1, 1, NOW - 86400, NOW + 86400 * 3650, None, 1, b"HILTEST0"),
-                balance=balance, now=NOW)
+                balance=balance)
     card.save(path)
     return number
 

@@ -169,7 +169,7 @@ def issue_cards(plans: Sequence[CardPlan], keys: KeyStore, directory: Path, *,
         office = Purse(ClassicReader(field_.transceive, selected.uid), keys, key_type="B")
         office.issue(Identity(plan.card_number, plan.card_type.code, 1,
                               issued_at - 400 * DAY_SECONDS, plan.expires, plan.discount_until,
-                              1, b"BUSDAY00"), balance=plan.balance, now=issued_at)
+                              1, b"BUSDAY00"), balance=plan.balance)
         if plan.pass_block is not None:
             field_.reset()
             selected = select_card(field_.transceive)

@@ -51,7 +51,7 @@ class Rig:
         self.field = Field([self.card])
         self.rng = random.Random(seed + 1)
         purse = self.tap(key_type="B")
-        purse.issue(IDENTITY, balance=balance, now=NOW)
+        purse.issue(IDENTITY, balance=balance)
 
     def tap(self, key_type: str = "A") -> Purse:
         self.field.reset()

@@ -82,7 +82,7 @@ class Bayi:
         Purse(self.access(), KEYS, key_type="B").issue(
             Identity(card_number, card_type, 1, NOW - 30 * DAY, NOW + 3650 * DAY,
                      discount_until, 1, b"HOLDER01"),
-            balance=balance, now=NOW - 30 * DAY,
+            balance=balance,
         )
         self.db_path = tmp_path / "bayi.db"
         self.ui = RecordingUi()

@@ -110,7 +110,7 @@ def make_card(spec: CardSpec) -> VirtualCard:
         office.issue(
             Identity(spec.number, spec.card_type.code, 1, NOW - 30 * DAY, spec.expires,
                      spec.discount_until, 1, b"HOLDER01"),
-            balance=spec.balance, now=NOW - 30 * DAY,
+            balance=spec.balance,
         )
         if spec.with_pass:
             Purse(_reader(card), KEYS, key_type="B").write_pass(pass_for(1, NOW - 3600))

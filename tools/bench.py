@@ -296,7 +296,7 @@ def tap(as_json: bool, taps: int, blacklist_size: int) -> None:
         source = FieldCardSource(field, nonce=lambda: rng.getrandbits(32))
         issuer = Purse(source.next_card(), keys, key_type="B")
         issuer.issue(Identity(4242, 1, 1, start - 86400, start + 86400 * 3650, None, 1,
-                              b"BENCH001"), balance=100_000_000, now=start)
+                              b"BENCH001"), balance=100_000_000)
         with DeviceDatabase.open(Path(tmp) / "tap.db", device_id="bench-v1",
                                  journal_key=keys, wal_autocheckpoint=0) as db:
             db.blacklist.load_full(1, make_blacklist(blacklist_size, rng))

@@ -31,7 +31,7 @@ from pathlib import Path
 from firmware.core import fares
 from firmware.core.card_layout import CardForged, PassBlock
 from firmware.core.errors import AuthenticationError, CoreError
-from firmware.core.fares import Decision, FareTable, Reason, TripRecord, ValidatorContext
+from firmware.core.fares import Decision, FareTable, Reason, ValidatorContext
 from firmware.core.keys import KeyStore
 from firmware.core.mifare import ClassicAccess
 from firmware.core.purse import (
@@ -260,7 +260,7 @@ class Validator:
                                   "counter_after": snap.counter + (
                                       1 if snap.state is PurseState.ROLL_FORWARD_RECORD else 0),
                                   "balance_after": snap.purse})
-            snap = purse.repair(snap, day_spent=self._repair_day_spent)
+            snap = purse.repair(snap)  # keeps the day spend: never over-counts against the rider
             journal.done(seq, "ok", counter_after=snap.counter, balance_after=snap.balance)
             out.seqs.append(seq)
         settled = self._settle_open_intents(purse, snap, now)
@@ -319,11 +319,6 @@ class Validator:
         if notice is not None:  # "Vize süresi doldu", "Abonman süresi doldu" (docs/fares.md)
             line2 = f"{notice.message_tr} · {line2}"
         self.ui.show(f"{decision.reason.message_tr} {tl(decision.fare)}", line2, signal)
-
-    def _repair_day_spent(self, snap: CardSnapshot, trip: TripRecord) -> int:
-        # the holder's own share of a torn ride is not recoverable without the tariff's leg
-        # fare; keep the old day spend (never over-counts against the rider)
-        return snap.record.day_spent
 
     def _settle_open_intents(self, purse: Purse, snap: CardSnapshot, now: int) -> CardSnapshot:
         """Close this device's intents for this card: done if the card shows the update,

@@ -359,7 +359,6 @@ class Purse:
         identity: Identity,
         *,
         balance: int = 0,
-        now: int,
         transport_key: bytes = TRANSPORT_KEY,
     ) -> None:
         """Personalise a factory-fresh card (transport keys): MAD, identity, empty purse and
