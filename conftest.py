@@ -22,3 +22,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def mosquitto(tmp_path):
+    """A real Mosquitto on 127.0.0.1 and a free port, stopped after the test."""
+    from simulators.broker import MosquittoBroker
+
+    broker = MosquittoBroker(tmp_path / "broker")
+    with broker:
+        yield broker
