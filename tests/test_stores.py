@@ -118,10 +118,50 @@ def test_schema_created_and_reopened(db_path: Path, keys: MemoryKeyStore) -> Non
 def test_pragmas_in_effect(db: DeviceDatabase) -> None:
     pragmas = db.pragmas()
     assert pragmas["journal_mode"] == "wal"
-    assert pragmas["synchronous"] == 2  # FULL
+    assert pragmas["synchronous"] == 1  # NORMAL: durable writes sync the WAL themselves
     assert pragmas["foreign_keys"] == 1
     assert pragmas["busy_timeout"] == 2000
     assert Path(f"{db.path}-wal").exists()
+
+
+def _record_syncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every fdatasync/fsync the process makes from now on, by the file it reached."""
+    synced: list[str] = []
+    for name in ("fdatasync", "fsync"):
+        real = getattr(os, name)
+
+        def spy(fd: int, real=real) -> None:
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+            real(fd)
+
+        monkeypatch.setattr(os, name, spy)
+    return synced
+
+
+def test_intent_is_synced_to_storage_before_it_returns(
+    db: DeviceDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced = _record_syncs(monkeypatch)
+    seq = db.journal.intent(tap())
+    assert synced == [f"{db.path}-wal"]  # the WAL holding the intent, once
+    synced.clear()
+    db.journal.done(seq, "ok", counter_after=8, balance_after=750)
+    assert synced == []  # the done rides on the next durable write
+    db.journal.intent(tap())
+    assert synced == [f"{db.path}-wal"]
+
+
+def test_a_failing_sync_is_an_unavailable_store(
+    db: DeviceDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    with pytest.raises(StoreUnavailable, match="could not be synced"):
+        db.journal.intent(tap())
+    monkeypatch.undo()
+    assert db.journal.intent(tap()) > 0
 
 
 def test_other_device_refused(db_path: Path, keys: MemoryKeyStore) -> None:

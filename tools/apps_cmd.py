@@ -118,6 +118,7 @@ def validator(reader_url, db_path, config_path, keys_path, mode, max_taps, verbo
                 outcome = None
                 time.sleep(0.2)
             if outcome is None:
+                app.housekeeping()
                 time.sleep(0.05)
                 continue
             taps["n"] += 1

@@ -1,7 +1,8 @@
 """Plumbing shared by the stores: one connection, explicit transactions, mapped errors.
 
 The connection runs in SQLite's autocommit mode (``isolation_level=None``) and every write
-goes through :meth:`Conn.write`, which takes the write lock up front (``BEGIN IMMEDIATE``).
+goes through :meth:`Conn.write` (or :meth:`Conn.write_lazy`), which takes the write lock up
+front (``BEGIN IMMEDIATE``).
 Taking it up front matters in WAL mode: a deferred transaction that reads first and writes
 later can fail with ``SQLITE_BUSY`` on the upgrade without the busy handler ever waiting,
 whereas ``BEGIN IMMEDIATE`` waits up to the busy timeout and then fails cleanly, before
@@ -10,12 +11,13 @@ anything was done.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
-from .errors import InvalidRecord, StoreError, wrap_sqlite_error
+from .errors import InvalidRecord, StoreError, StoreUnavailable, wrap_sqlite_error
 
 U63 = 1 << 63
 U64 = 1 << 64
@@ -52,9 +54,13 @@ def check_int(value: object, what: str, lo: int = -U63, hi: int = U63 - 1) -> in
 class Conn:
     """The database connection as the stores use it: closed-checks and error mapping."""
 
-    def __init__(self, raw: sqlite3.Connection) -> None:
+    def __init__(
+        self, raw: sqlite3.Connection, wal_path: str | os.PathLike[str] | None = None
+    ) -> None:
         self.raw = raw
         self.closed = False
+        #: The WAL file :meth:`write` syncs; None for a database that is not a WAL file on disk.
+        self.wal_path = None if wal_path is None else os.fspath(wal_path)
 
     def close(self) -> None:
         if not self.closed:
@@ -80,33 +86,54 @@ class Conn:
 
     @contextmanager
     def write_lazy(self, what: str) -> Iterator[sqlite3.Connection]:
-        """A write transaction whose commit is not fsynced on return (``synchronous=NORMAL``
-        for this one commit): it becomes durable with the next ordinary :meth:`write`, which
-        fsyncs the whole WAL, or at the next checkpoint. Only for records whose loss in a
-        power cut is recovered from elsewhere (a journal *done*: the open intent is settled
-        from the card's counter)."""
-        self._check_open()
-        try:
-            self.raw.execute("PRAGMA synchronous=NORMAL")
-        except sqlite3.Error as exc:
-            raise wrap_sqlite_error(exc, what) from exc
-        try:
-            with self.write(what) as raw:
-                yield raw
-        finally:
-            with suppress(sqlite3.Error):
-                self.raw.execute("PRAGMA synchronous=FULL")
+        """A write transaction whose commit is not fsynced on return: it becomes durable with
+        the next :meth:`write`, whose fsync of the WAL covers every frame before it, or at
+        the next checkpoint. Only for records whose loss in a power cut is recovered from
+        elsewhere (a journal *done*: the open intent is settled from the card's counter)."""
+        with self._transaction(what) as raw:
+            yield raw
 
     @contextmanager
     def write(self, what: str) -> Iterator[sqlite3.Connection]:
-        """A write transaction: ``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on any error.
+        """A durable write transaction: ``BEGIN IMMEDIATE`` ... ``COMMIT``, then the WAL
+        fsynced (``fdatasync``), rolled back on any error.
 
-        Durable on return: the database runs WAL with ``synchronous=FULL``, so ``COMMIT``
-        returns after the WAL was fsynced. sqlite3 errors (inside the block or at commit)
-        come out as :class:`StoreError` subclasses; other exceptions (a caller's iterator
-        failing, a :class:`StoreError` raised on purpose) pass through unchanged, after the
-        rollback.
+        Durable on return. The connection runs ``synchronous=NORMAL`` and this method syncs
+        the WAL itself after ``COMMIT``: the same guarantee as ``synchronous=FULL`` for these
+        commits (``docs/stores.md``, durability argument), without FULL's cost on the commits
+        that do not need it (:meth:`write_lazy`). sqlite3 errors (inside the block or at
+        commit) come out as :class:`StoreError` subclasses, a failed fsync as
+        :class:`StoreUnavailable`; other exceptions (a caller's iterator failing, a
+        :class:`StoreError` raised on purpose) pass through unchanged, after the rollback.
         """
+        with self._transaction(what) as raw:
+            yield raw
+        self.sync_wal(what)
+
+    def sync_wal(self, what: str = "sync") -> None:
+        """fdatasync the WAL file: every transaction committed so far is on stable storage.
+
+        A sync of any descriptor of a file flushes that file's written pages, so a second,
+        short-lived descriptor is enough; it is opened each time because SQLite may delete
+        and recreate the WAL (last connection closed). No WAL file after a commit in WAL mode
+        means the commit cannot be vouched for: :class:`StoreUnavailable`.
+        """
+        if self.wal_path is None:
+            return
+        try:
+            fd = os.open(self.wal_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"{what}: the write-ahead log could not be synced to storage ({exc.strerror}); "
+                "check the storage medium"
+            ) from exc
+
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
         self._check_open()
         raw = self.raw
         try:
