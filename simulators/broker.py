@@ -110,6 +110,11 @@ class MosquittoBroker:
         ]
         if self.persistence:
             lines += [f"persistence_location {self.workdir}/", "autosave_interval 1"]
+        if os.geteuid() == 0:
+            # Started as root, mosquitto drops to the 'mosquitto' user, who cannot enter a
+            # test's private temp folder: persistence and TLS files would fail silently.
+            # Test brokers only; deploy/mosquitto/afc.conf keeps the privilege drop.
+            lines.append("user root")
         if self.acl_file:
             lines.append(f"acl_file {self.acl_file}")
         if self.password_file:
@@ -181,6 +186,13 @@ class MosquittoBroker:
             proc.kill()
             proc.wait(5)
         self._close_log()
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto re-reads its ACL, password file and CRL; connections stay."""
+        if not self.running:
+            raise BrokerError("the broker is not running")
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGHUP)
 
     def restart(self, down_for: float = 0.0) -> None:
         """Stop, stay down ``down_for`` seconds, start again on the same port."""
