@@ -58,10 +58,14 @@ def main() -> None:
 def _register() -> None:
     from tools.apps_cmd import topup, validator
     from tools.bench import bench
+    from tools.bundle_cmd import bundle
+    from tools.center_cmd import center
     from tools.demo import demo
     from tools.keys_cmd import keys
     from tools.sim_cmd import sim
 
+    sim.add_command(center)
+    main.add_command(bundle)
     main.add_command(keys)
     main.add_command(sim)
     main.add_command(bench)

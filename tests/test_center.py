@@ -1,0 +1,303 @@
+"""The reference center without a broker: its SQLite store (exactly-once, high-water mark,
+processes sharing one file), the reconciliation report, the bundle publisher's version chain,
+and the `afc sim center` / `afc bundle` commands through click's runner."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from edge_agent import protocol as P
+from edge_agent.keys import generate_key_file, public_hex
+from firmware.stores.journal import JournalRecord
+from simulators.center.errors import CenterError
+from simulators.center.publisher import Publisher
+from simulators.center.report import SUSPECTED_CLONE_REASON, build_report
+from simulators.center.status import fleet_status, format_status
+from simulators.center.store import SqliteCenterStore
+from tools.bundle_cmd import bundle
+from tools.center_cmd import center
+
+DEV = "KNY-BUS-0042-V1"
+KEY = Ed25519PrivateKey.generate()
+CENTER = Ed25519PrivateKey.generate()
+
+
+@pytest.fixture
+def store(tmp_path):
+    with SqliteCenterStore(tmp_path / "center.db") as s:
+        s.register_device(DEV, "validator", public_hex(KEY))
+        yield s
+
+
+def batch(records, dev=DEV) -> P.Batch:
+    return P.Batch(dev, records[0].seq, records[-1].seq, 1, tuple(records))
+
+
+# -- store ------------------------------------------------------------------------------------
+
+
+def test_store_is_exactly_once_with_contiguous_high_water(store):
+    recs = P.wire_sample(150, random.Random(1), device_id=DEV)  # seq 1..300
+    later = store.store_batch(batch(recs[100:200]))
+    assert (later.new, later.duplicates, later.upto) == (100, 0, 0)  # 1..100 missing
+    first = store.store_batch(batch(recs[:100]))
+    assert (first.new, first.upto) == (100, 200)  # the gap closed: upto jumps over both
+    again = store.store_batch(batch(recs[50:250]))  # overlaps stored and new
+    assert (again.new, again.duplicates, again.upto) == (50, 150, 250)
+    assert store.record_count(DEV) == 250
+    assert list(store.records(DEV)) == recs[:250]  # every field round-trips through SQLite
+    assert store.upto(DEV) == 250
+
+
+def test_store_refuses_unregistered_device_and_keeps_bad_ranges(store):
+    other = P.wire_sample(1, random.Random(2), device_id="OTHER-1")
+    with pytest.raises(CenterError, match="not registered"):
+        store.store_batch(batch(other, "OTHER-1"))
+    store.note_bad_batch(DEV, 5, 9, "signature")
+    store.note_bad_batch(DEV, 11, 12, "format")
+    assert store.take_bad_ranges(DEV) == [(5, 9), (11, 12)]
+    assert store.take_bad_ranges(DEV) == []  # reported once
+    assert [b["reason"] for b in store.bad_batches(DEV)] == ["signature", "format"]
+
+
+def test_store_is_durable_and_in_wal_mode(store, tmp_path):
+    store.store_batch(batch(P.wire_sample(5, random.Random(3), device_id=DEV)))
+    raw = sqlite3.connect(tmp_path / "center.db")
+    assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert raw.execute("SELECT count(*) FROM records").fetchone()[0] == 10
+    raw.close()
+
+
+def _store_in_process(path: str, start: int, n: int) -> None:
+    recs = P.wire_sample(n, random.Random(start), device_id=DEV, first_seq=start)
+    with SqliteCenterStore(path) as s:
+        for i in range(0, len(recs), 10):
+            s.store_batch(batch(recs[i:i + 10]))
+
+
+def test_processes_sharing_one_store_store_each_record_once(store, tmp_path):
+    """Four processes store overlapping ranges of one device at once: every record once,
+    and the high-water mark is exact."""
+    ctx = multiprocessing.get_context("spawn")
+    path = str(tmp_path / "center.db")
+    procs = [ctx.Process(target=_store_in_process, args=(path, 1 + 100 * i, 100))
+             for i in range(4)]  # seq 1..200, 101..300, 201..400, 301..500
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert store.record_count(DEV) == 500
+    assert store.seqs(DEV) == list(range(1, 501))
+    assert store.upto(DEV) == 500
+
+
+def test_nonces_increase_and_survive_reopen(store, tmp_path):
+    a = store.next_nonce(DEV, 1000)
+    b = store.next_nonce(DEV, 1000)
+    assert (a, b) == (1000, 1001)
+    with SqliteCenterStore(tmp_path / "center.db") as again:
+        assert again.next_nonce(DEV, 5) == 1002
+
+
+def test_status_events_dedup_and_alarms(store):
+    assert store.record_json("status", {"v": 1, "dev": DEV, "ts": 1, "kind": "validator",
+                                        "state": "online", "sw": "1.2"}, signed=False)
+    ev = {"v": 1, "dev": "CAM-SITE-7", "ts": 2, "kind": "camera-site", "event": "door-open",
+          "severity": "alarm", "seq": 1, "detail": {}}
+    assert store.record_json("event", ev, signed=False)
+    assert not store.record_json("event", ev, signed=False)  # same seq: duplicate
+    cam = {"event": "camera-down", "severity": "alarm", "detail": {"camera": "c2"}}
+    store.record_json("event", {**ev, **cam, "seq": 2, "ts": 3}, signed=False)
+    store.record_json("event", {**ev, "event": "door-closed", "severity": "info", "seq": 3,
+                                "ts": 4}, signed=False)
+    store.record_json("telemetry", {"v": 1, "dev": "CAM-SITE-7", "ts": 5,
+                                    "cameras": {"c1": "up", "c2": "down"}}, signed=False)
+    entries = {e.device_id: e for e in fleet_status(store, now=10)}
+    assert entries[DEV].online and entries[DEV].sw == "1.2"
+    cam_site = entries["CAM-SITE-7"]
+    assert not cam_site.online  # no retained status: not known to be online
+    assert [a["event"] for a in cam_site.open_alarms] == ["camera-down"]  # the door closed
+    text = format_status(list(entries.values()), now=10)
+    assert "ALARM camera-down" in text and "c2:down" in text
+
+
+# -- report -----------------------------------------------------------------------------------
+
+
+def tap(seq, t, card, cb, bb, fare=2250, vehicle="42 KY 042"):
+    intent = JournalRecord(kind="tap", seq=seq, phase="intent", time=t * 1000,
+                           card_number=card, uid=b"\x01\x02\x03\x04", counter_before=cb,
+                           counter_after=cb + 1, balance_before=bb, balance_after=bb - fare,
+                           fare=fare, line="48", vehicle=vehicle, validator_id="V1")
+    done = JournalRecord(kind="tap", seq=seq + 1, phase="done", link=seq, time=t * 1000,
+                         card_number=card, uid=b"\x01\x02\x03\x04", counter_after=cb + 1,
+                         balance_after=bb - fare, outcome="ok")
+    return [intent, done]
+
+
+def test_report_finds_gaps_regressions_fast_clones_and_balance_jumps(tmp_path):
+    a, b = "BUS-A", "BUS-B"
+    with SqliteCenterStore(tmp_path / "c.db") as s:
+        for dev in (a, b):
+            s.register_device(dev, "validator", public_hex(KEY))
+        t0 = 1_760_000_000
+        a_recs = (tap(1, t0, 111, 5, 9000) + tap(3, t0, 222, 10, 9000)
+                  + tap(5, t0, 333, 1, 1000) + tap(7, t0, 444, 1, 9000)
+                  + tap(9, t0, 555, 1, 9000) + tap(13, t0 + 10, 666, 1, 9000))
+        b_recs = (tap(1, t0 + 30, 111, 6, 6750, vehicle="42 KY 043")  # 30 s later, other bus
+                  + tap(3, t0 + 3600, 222, 8, 9000, vehicle="42 KY 043")  # counter went back
+                  + tap(5, t0 + 3600, 333, 2, 5000, vehicle="42 KY 043")  # balance grew
+                  + tap(7, t0 + 3600, 444, 5, 6750, vehicle="42 KY 043")  # taps elsewhere
+                  + tap(9, t0 + 3600, 555, 2, 6750, vehicle="42 KY 043"))  # all consistent
+        s.store_batch(batch(a_recs[:10], a))  # seq 1..10
+        s.store_batch(batch(a_recs[10:], a))  # seq 13..14: 11, 12 missing
+        s.store_batch(batch(b_recs, b))
+        report = build_report(s, min_travel_s=120)
+
+    devices = {d.device_id: d for d in report.devices}
+    assert devices[a].gaps == [(11, 12)] and devices[a].upto == 10
+    assert devices[b].gaps == [] and devices[b].upto == 10 and devices[b].complete
+    kinds = {(f.card_number, f.kind) for f in report.findings}
+    assert kinds == {(111, "too-fast"), (222, "counter-regression"),
+                     (333, "balance-mismatch"), (444, "counter-gap")}
+    assert report.suspected_clones == [111, 222]
+    assert report.proposed_blacklist_delta == {
+        "add": [[111, SUSPECTED_CLONE_REASON, None], [222, SUSPECTED_CLONE_REASON, None]],
+        "remove": []}
+    # the proposal is a valid blacklist-delta body as it stands
+    body = report.proposed_blacklist_delta
+    P.encode_bundle(P.Bundle("blacklist-delta", 2, body, 0, base=1), CENTER)
+    assert report.cards_seen == 6
+    assert json.loads(json.dumps(report.to_json()))["suspected_clones"] == [111, 222]
+    assert "missing seq 11..12" in report.to_text()
+
+
+def test_report_sees_open_intents(store):
+    recs = tap(1, 100, 7, 1, 100)[:1]  # an intent whose done never came
+    store.store_batch(batch(recs))
+    (dev,) = build_report(store).devices
+    assert dev.open_intents == [1]
+
+
+# -- publisher --------------------------------------------------------------------------------
+
+
+def test_blacklist_chain_and_reload_compose_a_full_list(store):
+    published: list[tuple[str, bytes, bool]] = []
+
+    async def publish(topic, payload, retain):
+        published.append((topic, payload, retain))
+
+    pub = Publisher(store, CENTER, publish)
+
+    async def scenario():
+        await pub.publish_blacklist_full([(30, 1, None), (10, 1, b"\x01\x02\x03\x04")])
+        await pub.publish_blacklist_delta(add=[(20, 2, None)], remove=[30])
+        await pub.publish_blacklist_delta(add=[(40, 2, None)])
+        return await pub.republish_full("blacklist-delta")
+
+    full = asyncio.run(scenario())
+    topics = [t for t, _, _ in published]
+    assert topics == ["afc/v1/cfg/blacklist", "afc/v1/cfg/blacklist-delta",
+                      "afc/v1/cfg/blacklist-delta", "afc/v1/cfg/blacklist"]
+    assert all(retain for _, _, retain in published)
+    deltas = [P.decode_bundle(p, CENTER.public_key(), now_ms=0) for t, p, _ in published[1:3]]
+    assert [(d.version, d.base) for d in deltas] == [(2, 1), (3, 2)]
+    # the reload is a *full* list at the chain's current version, with every delta applied
+    assert (full.kind, full.version) == ("blacklist", 3)
+    assert full.body["entries"] == [(10, 1, b"\x01\x02\x03\x04"), (20, 2, None), (40, 2, None)]
+    assert pub.blacklist_state() == (3, {10: (1, b"\x01\x02\x03\x04"), 20: (2, None),
+                                         40: (2, None)})
+    with pytest.raises(CenterError, match="rollback"):
+        pub.sign("blacklist", {"entries": []}, version=2)
+    # a second reload republishes the same full list
+    again = asyncio.run(pub.republish_full("blacklist"))
+    assert again.version == 3 and published[-1][1] == published[-2][1]
+
+
+def test_reload_request_for_other_kinds_republishes_latest(store):
+    published: list[bytes] = []
+
+    async def publish(topic, payload, retain):
+        published.append(payload)
+
+    pub = Publisher(store, CENTER, publish)
+    asyncio.run(pub.publish("agent", {"settings": {"telemetry_s": 30}}))
+    asyncio.run(pub.publish("agent", {"settings": {"telemetry_s": 60}}))
+    asyncio.run(pub.on_reload_request(DEV, {"kind": "agent", "version": 1}))
+    got = P.decode_bundle(published[-1], CENTER.public_key(), now_ms=0)
+    assert (got.version, got.body) == (2, {"settings": {"telemetry_s": 60}})
+    assert asyncio.run(pub.republish_full("fares")) is None  # nothing ever signed
+
+
+# -- commands (CLI) -----------------------------------------------------------------------------
+
+
+def test_center_cli_keygen_register_report_status(tmp_path):
+    runner = CliRunner()
+    db = str(tmp_path / "c.db")
+    res = runner.invoke(center, ["keygen", "--out", str(tmp_path / "dev.key")])
+    assert res.exit_code == 0, res.output
+    dev_pub = res.output.strip()
+    assert len(dev_pub) == 64
+    res = runner.invoke(center, ["keygen", "--out", str(tmp_path / "dev.key")])
+    assert res.exit_code != 0 and "refusing to overwrite" in str(res.exception)
+    res = runner.invoke(center, ["register", "--db", db, "--device", DEV, "--public-key",
+                                 dev_pub, "--kind", "validator"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(center, ["register", "--db", db, "--device", "bad/id",
+                                 "--public-key", dev_pub])
+    assert res.exit_code != 0
+    res = runner.invoke(center, ["report", "--db", db, "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["devices"][0]["device_id"] == DEV
+    res = runner.invoke(center, ["status", "--db", db, "--json"])
+    assert res.exit_code == 0 and json.loads(res.output)[0]["online"] is False
+    for sub in ("run", "report", "status", "register", "cmd", "keygen"):
+        res = runner.invoke(center, [sub, "--help"])
+        assert res.exit_code == 0 and len(res.output) > 200
+
+
+def test_bundle_cli_sign_verify_and_refusals(tmp_path):
+    runner = CliRunner()
+    key = tmp_path / "center.key"
+    pub = public_hex(generate_key_file(key))
+    other = public_hex(Ed25519PrivateKey.generate())
+    csv_file = tmp_path / "bl.csv"
+    csv_file.write_text("card_number,reason,uid\n12345678,1,01020304\n87654321,2,\n")
+    out = tmp_path / "bl.bundle"
+    res = runner.invoke(bundle, ["sign", "--kind", "blacklist", "--version", "7", "--key",
+                                 str(key), "--in", str(csv_file), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["entries"] == 2
+    res = runner.invoke(bundle, ["verify", "--center-public", pub, "--in", str(out)])
+    assert res.exit_code == 0 and json.loads(res.output)["valid"] is True
+    res = runner.invoke(bundle, ["verify", "--center-public", other, "--in", str(out)])
+    assert res.exit_code != 0 and "signature" in str(res.exception)
+    tariff = Path(__file__).parents[1] / "firmware/core/tariffs/konya-2025.toml"
+    res = runner.invoke(bundle, ["sign", "--kind", "fares", "--version", "2025082701", "--key",
+                                 str(key), "--in", str(tariff), "--out", str(tmp_path / "f")])
+    assert res.exit_code == 0, res.output
+    bad = tmp_path / "bad.toml"
+    bad.write_text("version = 1.5\n")
+    res = runner.invoke(bundle, ["sign", "--kind", "fares", "--version", "3", "--key",
+                                 str(key), "--in", str(bad), "--out", str(tmp_path / "g")])
+    assert res.exit_code != 0
+    delta = tmp_path / "d.json"
+    delta.write_text(json.dumps({"add": [[5, 1, None]], "remove": [12345678]}))
+    res = runner.invoke(bundle, ["sign", "--kind", "blacklist-delta", "--version", "8",
+                                 "--key", str(key), "--in", str(delta), "--out",
+                                 str(tmp_path / "d.bundle")])
+    assert res.exit_code != 0 and "base" in str(res.exception)  # a delta needs --base
+    res = runner.invoke(bundle, ["--help"])
+    assert res.exit_code == 0 and "newer than theirs" in res.output
