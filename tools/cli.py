@@ -59,12 +59,14 @@ def _register() -> None:
     from tools.apps_cmd import topup, validator
     from tools.bench import bench
     from tools.bundle_cmd import bundle
+    from tools.camera_cmd import camera
     from tools.center_cmd import center
     from tools.demo import demo
     from tools.keys_cmd import keys
     from tools.sim_cmd import sim
 
     sim.add_command(center)
+    sim.add_command(camera)
     main.add_command(bundle)
     main.add_command(keys)
     main.add_command(sim)

@@ -28,8 +28,15 @@ CLEARED_BY = {
     "mains-lost": "mains-back",
     "disk-low": "disk-ok",
     "over-temperature": "temperature-ok",
+    "ups-battery-low": "ups-battery-ok",
+    "camera-degraded": "camera-up",
 }
-_CLEARS = {v: k for k, v in CLEARED_BY.items()}
+#: clearing event -> the alarms it ends. A camera that comes back degraded (answers, but slow
+#: or with a wrong clock) is no longer down: its `camera-degraded` ends `camera-down`.
+_CLEARS: dict[str, tuple[str, ...]] = {}
+for _alarm, _clear in CLEARED_BY.items():
+    _CLEARS[_clear] = (*_CLEARS.get(_clear, ()), _alarm)
+_CLEARS_TOO = {"camera-degraded": ("camera-down",)}
 
 
 @dataclass(frozen=True)
@@ -60,8 +67,11 @@ def open_alarms(events_newest_first: list[dict[str, Any]], now: int,
         if not isinstance(name, str):
             continue
         if name in _CLEARS:
-            cleared.add(_alarm_key(event, _CLEARS[name]))
+            for alarm in _CLEARS[name]:
+                cleared.add(_alarm_key(event, alarm))
             continue
+        for alarm in _CLEARS_TOO.get(name, ()):
+            cleared.add(_alarm_key(event, alarm))
         if event.get("severity") not in ("warning", "alarm"):
             continue
         key = _alarm_key(event, name)
