@@ -119,6 +119,8 @@ class MosquittoBroker:
             lines.append(f"acl_file {self.acl_file}")
         if self.password_file:
             lines.append(f"password_file {self.password_file}")
+        # Acks and PUBACKs are small: without TCP_NODELAY Nagle holds them ~40 ms each.
+        lines.append("set_tcp_nodelay true")
         lines += ["log_dest stderr", "log_type error", "log_type warning", "log_type notice",
                   "log_type information", "connection_messages true", "log_timestamp true"]
         lines.append(f"listener {self.port} {self.host}")

@@ -215,7 +215,7 @@ def test_schema_1_migrates_to_the_overlay(db_path: Path, monkeypatch: pytest.Mon
         )
     monkeypatch.undo()
     with DeviceDatabase.open(db_path, device_id=DEVICE) as db:
-        assert db.schema_version == SCHEMA_VERSION == 4
+        assert db.schema_version == SCHEMA_VERSION == 5
         assert db.blacklist.lookup(7) == BlacklistEntry(7, 1, None, 3)
         db.blacklist.apply_delta(3, 4, add=[(9, 1, None)], remove=[8])
         assert (db.blacklist.count, db.blacklist.overlay_size) == (2, 2)

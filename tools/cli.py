@@ -56,18 +56,28 @@ def main() -> None:
 
 
 def _register() -> None:
+    from tools.agent_cmd import agent
     from tools.apps_cmd import topup, validator
     from tools.bench import bench
     from tools.bundle_cmd import bundle
     from tools.camera_cmd import camera
+    from tools.card_cmd import card
     from tools.center_cmd import center
     from tools.demo import demo
+    from tools.device_cmd import device
+    from tools.fleet_cmd import fleet
+    from tools.journal_cmd import journal
     from tools.keys_cmd import keys
     from tools.sim_cmd import sim
 
     sim.add_command(center)
     sim.add_command(camera)
+    main.add_command(agent)
     main.add_command(bundle)
+    main.add_command(card)
+    main.add_command(device)
+    main.add_command(fleet)
+    main.add_command(journal)
     main.add_command(keys)
     main.add_command(sim)
     main.add_command(bench)

@@ -1,6 +1,7 @@
 """Layer 3: the device database (one SQLite file per device, WAL) and the stores in it.
 
-:class:`DeviceDatabase` holds the blacklist, the action list and the transaction journal;
+:class:`DeviceDatabase` holds the blacklist, the action list, the transaction journal, the
+applied configuration bundles and the device's events;
 :class:`AuthFailureLimiter` rate-limits card authentication failures in memory. Nothing here
 talks to the network. ``docs/stores.md`` documents the schema, the durability argument, the
 journal MAC format and the rate-limit policy.
@@ -8,6 +9,7 @@ journal MAC format and the rate-limit policy.
 
 from .actions import ACTION_KINDS, Action, ActionList
 from .blacklist import Blacklist, BlacklistEntry
+from .config import KIND_AGENT, KIND_CREDIT, KIND_FARES, ConfigEntry, ConfigStore
 from .database import JOURNAL_MAC_KEY_NAME, DeviceDatabase, JournalKey
 from .errors import (
     ActionAlreadyApplied,
@@ -21,6 +23,7 @@ from .errors import (
     StoreError,
     StoreUnavailable,
 )
+from .events import SEVERITIES, STATUS_READER, EventLog, EventRecord
 from .journal import (
     KIND_ACTION_APPLIED,
     KIND_REJECTION,
@@ -41,6 +44,9 @@ __all__ = [
     "ACTION_KINDS",
     "JOURNAL_MAC_KEY_NAME",
     "KIND_ACTION_APPLIED",
+    "KIND_AGENT",
+    "KIND_CREDIT",
+    "KIND_FARES",
     "KIND_REJECTION",
     "KIND_REPAIR",
     "KIND_TAP",
@@ -49,15 +55,21 @@ __all__ = [
     "PHASE_EVENT",
     "PHASE_INTENT",
     "SCHEMA_VERSION",
+    "SEVERITIES",
+    "STATUS_READER",
     "Action",
     "ActionAlreadyApplied",
     "ActionList",
     "AuthFailureLimiter",
     "Blacklist",
     "BlacklistEntry",
+    "ConfigEntry",
+    "ConfigStore",
     "DeltaChainBroken",
     "DeviceDatabase",
     "DeviceMismatch",
+    "EventLog",
+    "EventRecord",
     "InvalidRecord",
     "Journal",
     "JournalKey",

@@ -25,7 +25,9 @@ from firmware.durable import fsync_dir
 from ._sql import Conn, check_int
 from .actions import ActionList
 from .blacklist import Blacklist
+from .config import ConfigStore
 from .errors import DeviceMismatch, InvalidRecord, StoreError, StoreUnavailable, wrap_sqlite_error
+from .events import EventLog
 from .journal import Journal, MacFunction
 from .schema import migrate
 
@@ -64,7 +66,8 @@ def _mac_function(journal_key: JournalKey | None) -> MacFunction | None:
 
 
 class DeviceDatabase:
-    """One device's SQLite database: ``blacklist``, ``actions`` and ``journal`` stores.
+    """One device's SQLite database: ``blacklist``, ``actions``, ``journal``, ``config`` and
+    ``events`` stores.
 
     Use :meth:`open`. One handle belongs to one thread (sqlite3's rule); open one per
     process or thread. Closing is idempotent; the handle is a context manager.
@@ -77,6 +80,8 @@ class DeviceDatabase:
         self.blacklist = Blacklist(conn)
         self.actions = ActionList(conn)
         self.journal = Journal(conn, device_id, mac)
+        self.config = ConfigStore(conn)
+        self.events = EventLog(conn)
 
     @classmethod
     def open(

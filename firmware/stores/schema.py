@@ -201,10 +201,53 @@ def _v4(db: sqlite_utils.Database) -> None:
     )
 
 
+def _v5(db: sqlite_utils.Database) -> None:
+    """What the edge agent keeps on the device, beside the journal it forwards.
+
+    ``config``: the applied signed bundles that have no store of their own (fare table,
+    dealer credit, agent settings), one row per kind, replaced whole. ``events``: alarms
+    and events the applications raise and the agent forwards then deletes; ``seq`` is the
+    per-device event number the center uses to see gaps (``meta.event_seq`` keeps it
+    growing when every row was forwarded). ``device_status``: small facts the
+    applications report for telemetry (reader state). ``agent_state``: the agent's durable
+    counters (the last command nonce accepted: replay protection survives a restart).
+    """
+    db.execute(
+        """
+        CREATE TABLE config (
+            kind TEXT PRIMARY KEY,
+            version INTEGER NOT NULL CHECK (version >= 1),
+            body BLOB NOT NULL,
+            applied INTEGER NOT NULL
+        ) WITHOUT ROWID, STRICT
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE events (
+            seq INTEGER PRIMARY KEY,
+            time INTEGER NOT NULL,
+            event TEXT NOT NULL,
+            severity TEXT NOT NULL CHECK (severity IN ('info', 'warning', 'alarm')),
+            detail TEXT NOT NULL
+        ) STRICT
+        """
+    )
+    db.execute("CREATE INDEX events_severity ON events (severity, seq)")
+    db.execute(
+        "CREATE TABLE device_status (name TEXT PRIMARY KEY, value ANY, time INTEGER NOT NULL) "
+        "WITHOUT ROWID, STRICT"
+    )
+    db.execute(
+        "CREATE TABLE agent_state (key TEXT PRIMARY KEY, value ANY) WITHOUT ROWID, STRICT"
+    )
+    db.execute("INSERT INTO meta (key, value) VALUES ('event_seq', 0)")
+
+
 Migration = Callable[["sqlite_utils.Database"], None]
 
 #: ``MIGRATIONS[i]`` migrates schema version ``i`` to ``i + 1``. Append, never edit.
-MIGRATIONS: list[Migration] = [_v1, _v2, _v3, _v4]
+MIGRATIONS: list[Migration] = [_v1, _v2, _v3, _v4, _v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
