@@ -6,20 +6,33 @@ Input errors are raised as the core's own errors, which ``afc`` prints as one li
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import logging
+import os
 import string
+import tomllib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import click
 
-from firmware.core.errors import CodecError, CoreError
+from firmware.core.errors import CodecError, CoreError, KeyStoreError
 from firmware.core.keys import (
     AES128_KEY_SIZE,
     CLASSIC_KEY_NAME,
     DEFAULT_KEY_NAMES,
+    JOURNAL_MAC_KEY_NAME,
+    PURSE_MAC_KEY_NAME,
     FileKeyStore,
     KeyStore,
     classic_sector_key,
     diversify_aes128,
 )
+from firmware.durable import fsync_dir
+
+log = logging.getLogger("afc.keys")
 
 
 class KeyOptionError(CoreError):
@@ -222,3 +235,178 @@ def list_keys(store: str) -> None:
 
 def _names(source: KeyStore) -> str:
     return ", ".join(f"{n} v{source.current_version(n)}" for n in source.names())
+
+
+# -- public parts and rotation ------------------------------------------------------------
+
+#: The keys a card's identity block names one version for (``Identity.key_version``): its
+#: sector keys and its MAC keys come from the same generation, so they rotate together.
+CARD_KEY_NAMES = (CLASSIC_KEY_NAME, PURSE_MAC_KEY_NAME)
+#: ``Identity.key_version`` is one byte on the card.
+MAX_CARD_KEY_VERSION = 255
+#: Bytes of the key check value printed for each key version.
+KCV_BYTES = 3
+
+
+class KeyRotationError(KeyStoreError):
+    """A rotation that would leave cards or devices unable to use their keys."""
+
+
+def key_check_value(source: KeyStore, name: str, version: int) -> str:
+    """The key check value of one key version: the first 3 bytes of AES-CMAC(key, 16 zero
+    bytes), upper-case hex (the CMAC method of ANSI X9.24-1:2017, cut to the 3 bytes key
+    forms and HSM consoles show).
+
+    Lets two sites compare their stores (same name, version and KCV: same key) without
+    either showing a key. Computed through the store's own CMAC, so it works the same on
+    a hardware SAM and never touches the master key here.
+    """
+    return source.cmac(name, bytes(16), key_version=version)[:KCV_BYTES].hex().upper()
+
+
+def public_summary(source: KeyStore) -> list[dict[str, object]]:
+    """Every key's name, current version and per-version KCV: everything but key bytes."""
+    return [
+        {
+            "name": name,
+            "current": source.current_version(name),
+            "versions": [
+                {"version": v, "kcv": key_check_value(source, name, v)}
+                for v in source.versions(name)
+            ],
+        }
+        for name in source.names()
+    ]
+
+
+@keys.command(name="export-public", short_help="Print key names, versions and KCVs.")
+@click.option("--store", required=True, metavar="PATH", help="Key store file to read.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
+def export_public(store: str, as_json: bool) -> None:
+    """Print the public parts of a key store: names, versions and key check values.
+
+    Never a key: the KCV (first 3 bytes of AES-CMAC of 16 zero bytes) only lets a second
+    site or an auditor confirm that two stores hold the same key version. Example:
+
+    \b
+      afc keys export-public --store /etc/afc/keys.toml
+      classic-sector  current 2  v1 kcv 1A2B3C  v2 kcv 4D5E6F
+    """
+    opened = FileKeyStore.open(store)
+    summary = public_summary(opened)
+    if as_json:
+        click.echo(json.dumps({"store": str(opened.path), "keys": summary}, indent=2))
+        return
+    for entry in summary:
+        versions = "  ".join(f"v{v['version']} kcv {v['kcv']}" for v in entry["versions"])
+        click.echo(f"{entry['name']}  current {entry['current']}  {versions}")
+
+
+@contextlib.contextmanager
+def _store_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock beside the store, so two rotations cannot both read the old file
+    and one of them lose the other's new key."""
+    lock = path.parent / f".{path.name}.lock"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_RDWR | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError as exc:
+        raise KeyStoreError(f"cannot lock key store {path}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_versions(path: Path) -> dict[str, dict[int, bytes]]:
+    """The key table of a store file that :meth:`FileKeyStore.open` has just accepted."""
+    with open(path, "rb") as handle:
+        doc = tomllib.loads(handle.read(FileKeyStore.MAX_FILE_SIZE + 1).decode("utf-8"))
+    return {
+        name: {int(v): bytes.fromhex(text) for v, text in entry["versions"].items()}
+        for name, entry in doc["keys"].items()
+    }
+
+
+def rotate_store(path: str | os.PathLike[str], names: Iterable[str]) -> int:
+    """Add a fresh random version to each key of ``names`` and make it current; returns it.
+
+    Every named key gets the same new version number (one more than the highest held by
+    any of them), so the card keys stay one generation. Old versions are kept: cards and
+    journals made under them must stay readable. The store is replaced atomically (new
+    file written 0600 and fsynced beside it, then renamed over it) under a lock.
+    """
+    path = Path(path)
+    wanted = list(dict.fromkeys(names))
+    if not wanted:
+        raise KeyRotationError("name at least one key to rotate")
+    with _store_lock(path):
+        store = FileKeyStore.open(path)  # permissions, owner and format checked first
+        for name in wanted:
+            store.versions(name)  # unknown name: KeyStoreError naming what the store has
+        card_held = [n for n in CARD_KEY_NAMES if n in store.names()]
+        if set(wanted) & set(card_held) and not set(card_held) <= set(wanted):
+            raise KeyRotationError(
+                "a card names one key version for its sector and MAC keys: rotate them "
+                f"together: afc keys rotate {' '.join(card_held)} --store {path}"
+            )
+        version = max(max(store.versions(n)) for n in wanted) + 1
+        if set(wanted) & set(card_held) and version > MAX_CARD_KEY_VERSION:
+            raise KeyRotationError(
+                f"card keys are at version {version - 1}: a card stores the key version in "
+                "one byte, so there is no version left; migrate the card layout first"
+            )
+        table = _read_versions(path)
+        current = {n: store.current_version(n) for n in store.names()}
+        for name in wanted:
+            table[name][version] = os.urandom(AES128_KEY_SIZE)
+            current[name] = version
+        tmp = path.parent / f".{path.name}.rotate-{os.getpid()}"
+        try:
+            FileKeyStore.create(tmp, table, current)
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        fsync_dir(path.parent)
+    log.info("key store %s: rotated %s to version %d", path, ", ".join(wanted), version)
+    return version
+
+
+@keys.command(short_help="Add a new version of keys and make it current.")
+@click.argument("names", nargs=-1, required=True, metavar="NAME...")
+@click.option("--store", required=True, metavar="PATH", help="Key store file to change.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
+@click.option("--journal-drained", is_flag=True,
+              help=f"Confirm rotating {JOURNAL_MAC_KEY_NAME!r}: every device holding this "
+              "store has had its journal acked and pruned (devices verify their journal with "
+              "the current version only).")
+def rotate(names: tuple[str, ...], store: str, as_json: bool, journal_drained: bool) -> None:
+    """Rotate keys: add a fresh random version of each NAME and make it the current one.
+
+    New cards are issued under the new version and carry it in their identity block
+    (key version); the old versions stay in the store so cards issued under them keep
+    working. The card keys (classic-sector and purse-mac) must be rotated together.
+    Copy the new store to every device that holds the old one (the same file: it still
+    has the old versions), back it up encrypted, and compare with 'export-public'.
+    Example:
+
+    \b
+      afc keys rotate classic-sector purse-mac --store /etc/afc/keys.toml
+      rotated classic-sector, purse-mac to version 2 (kcv ...)
+    """
+    if JOURNAL_MAC_KEY_NAME in names and not journal_drained:
+        raise KeyRotationError(
+            f"a device verifies its journal with the current {JOURNAL_MAC_KEY_NAME!r} version "
+            "only: records written before the rotation would read as tampered (and open "
+            "intents block the validator). Rotate it only on devices whose journal is acked "
+            "and pruned, then add --journal-drained"
+        )
+    version = rotate_store(store, names)
+    opened = FileKeyStore.open(store)
+    kcvs = {n: key_check_value(opened, n, version) for n in dict.fromkeys(names)}
+    if as_json:
+        click.echo(json.dumps({"version": version, "kcv": kcvs}))
+        return
+    shown = ", ".join(f"{n} kcv {k}" for n, k in kcvs.items())
+    click.echo(f"rotated {', '.join(kcvs)} to version {version} ({shown})")
