@@ -204,6 +204,21 @@ def test_refused_without_an_allowance(tmp_path):
         bayi.terminal.credit_left(NOW)
 
 
+def test_the_allowance_the_agent_synced_is_used_from_the_next_sale(tmp_path):
+    bayi = Bayi(tmp_path, allowance=None)
+    bayi.refused(lambda: bayi.load(5_000), "no credit allowance")
+    # what the agent does with a verified ``credit`` bundle (edge_agent.config_sync)
+    bayi.db.config.put("credit", 3, allowance(20_000, allowance_id="A-2026-002").to_json().encode())
+    bayi.load(5_000)
+    assert bayi.terminal.credit_left(NOW) == 15_000
+    # a bigger allowance replaces it; a forged one is refused at the sale, as from a file
+    bayi.db.config.put("credit", 4, allowance(50_000, allowance_id="A-2026-003").to_json().encode())
+    assert bayi.terminal.credit_left(NOW) == 50_000
+    forged = allowance(10**9, allowance_id="A-2026-004", signer=Ed25519PrivateKey.generate())
+    bayi.db.config.put("credit", 5, forged.to_json().encode())
+    bayi.refused(lambda: bayi.load(5_000), "not signed by the center")
+
+
 def test_refused_without_a_pinned_center_key(tmp_path):
     bayi = Bayi(tmp_path, allowance=allowance(), center_key=None)
     bayi.refused(lambda: bayi.load(5_000), "no credit allowance")

@@ -783,6 +783,39 @@ def test_disk_full_means_out_of_service_and_no_charge(front, wall):
     assert not front.v.out_of_service
     assert front.shown == ("İyi yolculuklar 22,50 TL", "Bakiye 77,50 TL", Signal.OK)
     assert_paid_ride(front, card, FULL, FULL_FARE, Reason.OK, since=filled)
+    # the center hears of it: the outage with the time it began (the full database could not
+    # take the event then), and the return to service
+    events = [(e.event, e.severity, e.time) for e in db.events.pending()]
+    assert events == [("out-of-service", "alarm", (wall.t - 5) * 1000),
+                      ("in-service", "info", wall.t * 1000)]
+
+
+def test_reader_changes_are_events_once_each(front, wall):
+    front.v.note_reader(True)  # the first sight of a working reader is no event
+    front.v.note_reader(True)
+    front.v.note_reader(False, "no answer from the PN532 in 1.0 s")
+    front.v.note_reader(False, "no answer from the PN532 in 1.0 s")
+    wall.advance(30)
+    front.v.note_reader(True)
+    events = [(e.event, e.severity) for e in front.db.events.pending()]
+    assert events == [("reader-lost", "alarm"), ("reader-back", "info")]
+    assert front.db.events.status()["reader"][0] == "ok"
+
+
+def test_a_fare_bundle_applied_by_the_agent_is_used_from_the_next_tap(front, wall):
+    from firmware.core import tariffs
+
+    text = (Path(tariffs.__file__).parent / "konya-2025.toml").read_text()
+    dearer = text.replace("{ full = 2250,", "{ full = 2500,", 1)
+    assert dearer != text, "the Konya tariff's full fare line moved: update this test"
+    card = make_card(FULL)
+    assert front.tap(card).fare == FULL_FARE
+    front.db.config.put("fares", 7, dearer.encode())  # what the agent does with a bundle
+    wall.advance(120)
+    assert front.tap(card).fare == FULL_FARE  # mid-service: not before the validator is idle
+    front.v.housekeeping()
+    wall.advance(120)
+    assert front.tap(card).fare == 2500
 
 
 # -- 5. the clock set back ------------------------------------------------------------------

@@ -87,6 +87,7 @@ def validator(reader_url, db_path, config_path, keys_path, mode, max_taps, verbo
     from firmware.apps.ui import ConsoleUi
     from firmware.apps.validator import Validator, ValidatorConfig, load_tariff
     from firmware.reader.driver import Pn532
+    from firmware.reader.errors import ReaderError
     from firmware.stores.database import DeviceDatabase
 
     _setup_logging(verbose)
@@ -108,11 +109,18 @@ def validator(reader_url, db_path, config_path, keys_path, mode, max_taps, verbo
     ):
         pn.set_max_retries(passive=1)
         clock = _clock(db_path)
+        # the center's fare bundle, once the agent applied one, wins over the packaged table
+        table = db.config.fare_table() or table
         app = Validator(config, Pn532CardSource(pn, mode or config.reader_mode), db, keys,
                         table, ConsoleUi(sys.stdout), clock)
         while not stop["now"]:
             try:
                 outcome = app.poll()
+                app.note_reader(True)
+            except ReaderError as exc:
+                app.note_reader(False, str(exc))
+                outcome = None
+                time.sleep(0.2)
             except CoreError as exc:
                 logging.getLogger("afc.validator").warning("%s", exc)
                 outcome = None

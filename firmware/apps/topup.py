@@ -140,9 +140,24 @@ class TopupTerminal:
         self.keys = keys
         self.table = table
         self.ui = ui
-        self.allowance = allowance
+        self._allowance = allowance
+        self._allowance_version = 0
         self.center_key = center_key
         self.daily_limit = daily_limit
+
+    @property
+    def allowance(self) -> CreditAllowance | None:
+        """The allowance in force: the newest one the agent synced into the device database
+        (a ``credit`` bundle), else the one given at start (a file, for a terminal without
+        an agent). Read at each use, so a new allowance applies from the next sale on."""
+        try:
+            entry = self.db.config.get("credit")
+        except (AttributeError, CoreError):
+            entry = None
+        if entry is not None and entry.version != self._allowance_version:
+            self._allowance = CreditAllowance.from_json(bytes(entry.body).decode())
+            self._allowance_version = entry.version
+        return self._allowance
 
     def _tallies(self, amount: int, when: int) -> dict[str, int]:
         """The running totals a sale at ``when`` moves: the allowance in force then (if any)

@@ -43,7 +43,7 @@ from firmware.core.purse import (
     PurseState,
     topup_trip,
 )
-from firmware.stores.errors import StoreUnavailable
+from firmware.stores.errors import StoreError, StoreUnavailable
 from firmware.stores.journal import KIND_ACTION_APPLIED, KIND_REJECTION, KIND_REPAIR, KIND_TAP
 from firmware.stores.ratelimit import AuthFailureLimiter
 
@@ -156,6 +156,10 @@ class Validator:
         self.limiter = limiter or AuthFailureLimiter()
         self.out_of_service = False
         self._taps_since_checkpoint = 0
+        self._out_since: int | None = None  # wall time the validator went out of service
+        self._out_reported = False
+        self.reader_ok: bool | None = None
+        self._fares_version = self._config_version("fares")
 
     # -- journal helpers ------------------------------------------------------------------
 
@@ -196,10 +200,10 @@ class Validator:
         try:
             self._tap(access, uid, now, out)
             if self.out_of_service:
-                self.out_of_service = False
-                log.info("validator %s back in service", self.config.device_id)
+                self._back_in_service(now)
         except StoreUnavailable as exc:
-            self.out_of_service = True
+            if not self.out_of_service:
+                self._go_out_of_service(now, exc)
             out.accepted = False  # nothing was charged (or it is in doubt): not a boarding
             out.note = "out of service"
             log.error("validator %s out of service: %s", self.config.device_id, exc)
@@ -426,6 +430,80 @@ class Validator:
         except CoreError as exc:
             log.info("could not write the blocked flag: %s", exc)
 
+    # -- service state and events for the center ---------------------------------------------
+
+    def _raise(self, event: str, severity: str, detail: dict, when: int) -> bool:
+        """Best effort: an event the database cannot take now is not worth failing a tap."""
+        try:
+            self.db.events.raise_event(event, severity, detail, time=when * 1000)
+            return True
+        except StoreError as exc:
+            log.warning("validator %s: event %s not recorded: %s", self.config.device_id,
+                        event, exc)
+            return False
+
+    def _go_out_of_service(self, now: int, exc: Exception) -> None:
+        self.out_of_service = True
+        self._out_since = now
+        # Usually the database that failed cannot take the event either; then it is raised
+        # with its original time when the validator is back in service.
+        self._out_reported = self._raise("out-of-service", "alarm",
+                                         {"cause": type(exc).__name__}, now)
+
+    def _back_in_service(self, now: int) -> None:
+        self.out_of_service = False
+        since = self._out_since if self._out_since is not None else now
+        if not self._out_reported:
+            self._raise("out-of-service", "alarm", {"cause": "StoreUnavailable"}, since)
+        self._raise("in-service", "info", {"out_for_s": max(0, now - since)}, now)
+        self._out_since = None
+        log.info("validator %s back in service", self.config.device_id)
+
+    def note_reader(self, ok: bool, detail: str = "") -> None:
+        """The reader loop's view of the reader: an event and the status the agent reports,
+        on each change only (a reader that stays lost is not an event per poll)."""
+        if ok == self.reader_ok:
+            return
+        first = self.reader_ok is None
+        self.reader_ok = ok
+        now = self.clock.now()
+        try:
+            self.db.events.set_status("reader", "ok" if ok else "lost", time=now * 1000)
+        except StoreError as exc:
+            log.warning("validator %s: reader status not recorded: %s", self.config.device_id,
+                        exc)
+        if not ok:
+            log.error("validator %s: reader lost: %s", self.config.device_id, detail)
+            self._raise("reader-lost", "alarm", {"detail": detail[:120]}, now)
+        elif not first:
+            log.info("validator %s: reader back", self.config.device_id)
+            self._raise("reader-back", "info", {}, now)
+
+    def _config_version(self, kind: str) -> int:
+        try:
+            return self.db.config.version(kind)
+        except StoreError:
+            return 0
+
+    def _pick_up_fares(self) -> None:
+        """A fare table the agent applied since the last look replaces the one in use: between
+        taps, so a tap is decided by one table from start to end."""
+        version = self._config_version("fares")
+        if version <= self._fares_version:
+            return
+        try:
+            table = self.db.config.fare_table()
+        except CoreError as exc:
+            log.error("validator %s: fare bundle %d not usable, keeping %s: %s",
+                      self.config.device_id, version, self.table.version, exc)
+            self._fares_version = version
+            return
+        if table is not None:
+            log.info("validator %s: fare table %s (bundle %d) in use",
+                     self.config.device_id, table.version, version)
+            self.table = table
+        self._fares_version = version
+
     #: Taps between two idle checkpoints of the device database (see :meth:`housekeeping`).
     CHECKPOINT_EVERY_TAPS = 16
 
@@ -437,6 +515,7 @@ class Validator:
         checkpoint on a tap), and the WAL stays a few hundred KB. A failure is logged, not
         raised: the next durable write reports a broken database where it matters.
         """
+        self._pick_up_fares()
         if self._taps_since_checkpoint < self.CHECKPOINT_EVERY_TAPS:
             return
         try:
