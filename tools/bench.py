@@ -348,3 +348,45 @@ def tap(as_json: bool, taps: int, blacklist_size: int) -> None:
         Budget("blacklist_lookup_p99_us", 50, False, "DESIGN.md: blacklist lookup p99"),
     ]
     report("tap", ordered, budgets, as_json)
+
+
+@bench.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object of figures.")
+@click.option("--taps", default=50_000, show_default=True,
+              help="Backlog in taps (two journal records each); the drain figure is scaled "
+                   "to 100,000 records.")
+@click.option("--cpu-window", default=30.0, show_default=True,
+              help="Seconds of the 1-tap-a-second phase the CPU figure is measured over.")
+def agent(as_json: bool, taps: int, cpu_window: float) -> None:
+    """The edge agent against a real Mosquitto and the reference center.
+
+    \b
+    The agent runs as its own process (python -m edge_agent), the center as `afc sim center
+    run` with one ingest worker process, the broker is mosquitto on 127.0.0.1.
+    \b
+    Figures:
+      drain_100k_s            backlog of 100,000 records delivered and acked with --once,
+                              from the agent's start to its exit (budget <= 10 s)
+      wire_bytes_per_txn      signed batch bytes per tap, batches of 100 taps (budget <= 48)
+      rss_idle_mb             agent memory, 100k backlog, broker unreachable (budget <= 60)
+      rss_drain_mb            agent peak memory during the drain (budget <= 60)
+      cpu_s_per_hour_at_1hz   agent CPU seconds per hour at one tap a second
+    """
+    import tempfile
+
+    from edge_agent.bench import BenchError, bench_agent
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            figures = bench_agent(tmp, taps=taps, cpu_window_s=cpu_window)
+        except BenchError as exc:
+            raise click.ClickException(str(exc)) from None
+    ordered = {k: figures[k] for k in ("drain_100k_s", "wire_bytes_per_txn", "rss_idle_mb",
+                                       "rss_drain_mb", "cpu_s_per_hour_at_1hz")}
+    budgets = [
+        Budget("drain_100k_s", 10, False, "DESIGN.md: agent backlog drain"),
+        Budget("wire_bytes_per_txn", 48, False, "DESIGN.md: bytes on the wire per transaction"),
+        Budget("rss_idle_mb", 60, False, "DESIGN.md: agent resident memory"),
+        Budget("rss_drain_mb", 60, False, "issue 5: agent RSS during drain"),
+    ]
+    report("agent", ordered, budgets, as_json)

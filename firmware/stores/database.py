@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import re
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +182,24 @@ class DeviceDatabase:
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<DeviceDatabase {str(self.path)!r} device {self.device_id!r} {state}>"
+
+    @contextmanager
+    def deferred_sync(self) -> Iterator[DeviceDatabase]:
+        """Durable writes inside the block are synced once, at its end, not one by one.
+
+        For bulk loads (test rigs, benchmarks, imports of a journal) where nothing outside
+        acts on a single record before the whole load is done: a power cut inside the block
+        may lose any of its records, never one written before it. Never on the tap path:
+        a card must not be written on the strength of an intent that is not yet synced.
+        """
+        conn = self._conn
+        saved, conn.wal_path = conn.wal_path, None
+        try:
+            yield self
+        finally:
+            conn.wal_path = saved
+            if not conn.closed:
+                conn.sync_wal("deferred sync")
 
     # -- inspection and upkeep --------------------------------------------------------------
 
