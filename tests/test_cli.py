@@ -47,7 +47,7 @@ def test_unknown_command_is_one_line_error():
 
 
 def test_demo_runs_checks_itself_and_prints_the_tap():
-    result = invoke("demo")
+    result = invoke("demo", "--walkthrough")
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "selected UID 04:5F:21:7A:3C:58:80" in out

@@ -66,12 +66,14 @@ def _register() -> None:
     from tools.demo import demo
     from tools.device_cmd import device
     from tools.fleet_cmd import fleet
+    from tools.fleet_sim_cmd import fleet as fleet_sim
     from tools.journal_cmd import journal
     from tools.keys_cmd import keys
     from tools.sim_cmd import sim
 
     sim.add_command(center)
     sim.add_command(camera)
+    sim.add_command(fleet_sim)
     main.add_command(agent)
     main.add_command(bundle)
     main.add_command(card)
