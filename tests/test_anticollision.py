@@ -481,6 +481,26 @@ def test_reader_enumerates_exactly_the_cards_in_the_field(
 # --- the air ----------------------------------------------------------------------------------
 
 
+def test_a_field_with_one_card_hears_what_field_response_hears() -> None:
+    """One card in the field takes a shortcut past field_response: the same answers."""
+
+    class Scripted:
+        def __init__(self, answer: object) -> None:
+            self.answer = answer
+
+        def handle(self, frame: BitFrame) -> object:
+            return self.answer
+
+        def reset(self) -> None:
+            pass
+
+    frame = short_frame(REQA)
+    for answer in (None, SILENCE, BitFrame(0, 0), BitFrame(0b1011, 4), BitFrame(1, 2, 1)):
+        heard = Field([Scripted(answer)]).transceive(frame)
+        assert heard == field_response([answer])
+        assert type(heard) is BitFrame and (heard is SILENCE) == (not answer)
+
+
 def test_field_response_superposes_answers() -> None:
     a = BitFrame(0b1010, 4)
     assert field_response([]) == SILENCE
@@ -546,6 +566,26 @@ def test_reader_errors_a_technician_can_act_on() -> None:
         select_card(scripted(atqa, encode(level), encode(b"\x08\x00")))
     with pytest.raises(ProtocolError, match="no cascade tag"):
         select_card(scripted(atqa, encode(level), sak_frame(0x04)))
+
+
+@pytest.mark.parametrize("byte_no", range(5))
+def test_parity_error_in_a_whole_answer_names_the_byte(byte_no: int) -> None:
+    """A full (no bits known) anticollision answer is checked five bytes at once; a parity
+    error must still name the byte, as the bit-by-bit check does."""
+    atqa = encode(bytes.fromhex("0400"))
+    level = bytes.fromhex("9c599b326c")
+    bad = BitFrame(encode(level).bits ^ (1 << (9 * byte_no + 8)), 45)
+    name = "BCC" if byte_no == 4 else f"UID CL1 byte {byte_no}"
+    expected = rf"\({name} = 0x{level[byte_no]:02x}\) at cascade level 1"
+    with pytest.raises(FrameError, match=expected):
+        select_card(scripted(atqa, bad))
+
+
+@given(level=st.binary(min_size=5, max_size=5), known=st.integers(0, 39))
+def test_answers_are_the_same_built_or_remembered(level: bytes, known: int) -> None:
+    first = anticollision_answer(level, known)
+    assert anticollision_answer(level, known) == first
+    assert anticollision_answer(bytearray(level), known) == first  # not remembered, built
 
 
 def test_sak_incomplete_after_level_three_is_refused() -> None:

@@ -7,6 +7,7 @@ under test and then checked against the rest of the trace, never written in by h
 
 from __future__ import annotations
 
+import array
 import random
 
 import pytest
@@ -633,3 +634,42 @@ def test_short_encrypted_frames_roundtrip(cls, value):
 def test_decrypt_bits_rejects_long_frames(cls):
     with pytest.raises(FrameError):
         decrypt_bits(cls(0), BitFrame(0, 9))
+
+
+@settings(max_examples=200)
+@given(x=st.integers(0, 0xFFFFFFFF), n=st.integers(0, 5000))
+def test_prng_long_runs_agree(x, n):
+    """The Cython generator takes 11 steps at a time; a card's nonce runs up to 4111 steps."""
+    assert prng_successor(x, n) == prng_successor_ref(x, n)
+
+
+@pytest.mark.parametrize("method", ["encrypt_bytes", "decrypt_bytes"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        bytes,
+        bytearray,
+        memoryview,
+        lambda b: array.array("B", b),
+        lambda b: memoryview(b)[3:-2],
+        lambda b: memoryview(b)[::3],
+    ],
+    ids=["bytes", "bytearray", "memoryview", "array", "memoryview-slice", "memoryview-strided"],
+)
+@pytest.mark.parametrize("feed", [False, True])
+@pytest.mark.parametrize("size", [0, 23, 200])
+def test_cython_takes_every_byte_buffer(method, kind, feed, size):
+    """bytes take a direct path, every other buffer goes through a typed memoryview: both
+    must give the reference's result and leave the same register."""
+    data = bytes((7 * i + 3) & 0xFF for i in range(size))
+    given_ = kind(data)
+    fast, ref = Crypto1(0x4B791BEA7BCC), Crypto1Ref(0x4B791BEA7BCC)
+    assert getattr(fast, method)(given_, feed) == getattr(ref, method)(bytes(given_), feed)
+    assert fast.lfsr == ref.lfsr
+
+
+@pytest.mark.parametrize("bad", ["text", [1, 2], 5, array.array("i", [1])])
+def test_cython_refuses_what_is_not_a_byte_buffer(bad):
+    for method in ("encrypt_bytes", "decrypt_bytes"):
+        with pytest.raises((TypeError, ValueError)):
+            getattr(Crypto1(1), method)(bad)

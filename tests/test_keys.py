@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from cryptography.hazmat.primitives import cmac as crypto_cmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -26,6 +27,7 @@ from firmware.core.keys import (
     DEFAULT_KEY_NAMES,
     PURSE_MAC_KEY_NAME,
     FileKeyStore,
+    KeyedCmac,
     KeyStore,
     MemoryKeyStore,
     aes_cmac,
@@ -340,6 +342,81 @@ def test_store_never_shows_or_copies_key_material() -> None:
         pickle.dumps(store)
     with pytest.raises(KeyStoreError):
         copy.copy(store)
+
+
+# --- keyed CMAC states, kept by the stores and a tap's card MACs -----------------------------
+
+
+@pytest.mark.parametrize(("length", "mac"), RFC_EXAMPLES)
+def test_keyed_cmac_rfc4493(length: int, mac: str) -> None:
+    keyed = KeyedCmac(RFC_KEY)
+    assert keyed(RFC_MESSAGE[:length]) == h(mac)
+    assert keyed(RFC_MESSAGE[:length]) == h(mac)  # the state is copied, never used up
+    assert keyed.subkeys() == cmac_subkeys(RFC_KEY)
+
+
+@given(key=st.binary(min_size=16, max_size=16), data=st.lists(st.binary(max_size=80), max_size=4))
+def test_keyed_cmac_is_cmac(key: bytes, data: list[bytes]) -> None:
+    """Against the library's CMAC set up afresh for every message, in any order of use."""
+    keyed = KeyedCmac(key)
+    for message in data:
+        fresh = crypto_cmac.CMAC(algorithms.AES(key))
+        fresh.update(message)
+        want = fresh.finalize()
+        assert keyed(message) == want
+        assert keyed(bytearray(message)) == want == aes_cmac(key, memoryview(message))
+
+
+def test_keyed_cmac_refusals_and_secrecy() -> None:
+    with pytest.raises(CodecError, match="AES-128 key must be 16 bytes"):
+        KeyedCmac(b"short")
+    with pytest.raises(CodecError, match="CMAC input must be bytes"):
+        KeyedCmac(MASTER_V1)("text")  # type: ignore[arg-type]
+    keyed = KeyedCmac(MASTER_V1)
+    assert not _key_material_shown(repr(keyed), MASTER_V1)
+    with pytest.raises(KeyStoreError):
+        pickle.dumps(keyed)
+    with pytest.raises(KeyStoreError):
+        copy.copy(keyed)
+
+
+def test_store_results_do_not_depend_on_its_caches() -> None:
+    """The store keeps each master's CMAC state (current version by name, others by
+    version): every answer equals the module functions' on the raw master, first call or
+    not, current version or explicit."""
+    store = MemoryKeyStore(
+        {CLASSIC_KEY_NAME: {1: MASTER_V1, 2: MASTER_V2}, PURSE_MAC_KEY_NAME: MASTER_V2},
+        current={CLASSIC_KEY_NAME: 1},
+    )
+    for _ in range(2):
+        for version, master in ((None, MASTER_V1), (1, MASTER_V1), (2, MASTER_V2)):
+            assert store.cmac(CLASSIC_KEY_NAME, b"abc", key_version=version) == aes_cmac(
+                master, b"abc"
+            )
+            for uid in (AN_UID, AN_UID[:4]):
+                assert store.diversify(
+                    CLASSIC_KEY_NAME, uid, CLASSIC_AID, b"S", key_version=version
+                ) == diversify_aes128(master, uid, CLASSIC_AID, b"S")
+                assert store.classic_key(uid, 7, "B", key_version=version) == (
+                    classic_sector_key(master, uid, 7, "B")
+                )
+        assert store.cmac(PURSE_MAC_KEY_NAME, b"") == aes_cmac(MASTER_V2, b"")
+        with pytest.raises(KeyStoreError, match="no key named"):
+            store.cmac("nope", b"")
+        with pytest.raises(KeyStoreError, match="no version 3"):
+            store.cmac(CLASSIC_KEY_NAME, b"", key_version=3)
+        with pytest.raises(KeyStoreError, match="no key named"):
+            store.cmac(["not", "hashable"], b"")  # type: ignore[arg-type]
+
+
+def test_system_ids_come_out_the_same_from_the_cache() -> None:
+    first = [classic_system_id(s, t) for s in range(40) for t in "AB"]
+    again = [classic_system_id(s, t) for s in range(40) for t in "AB"]
+    assert first == again
+    assert first[0] == CLASSIC_SYSTEM_TAG + b"\x00A"
+    for sector, key_type in ((40, "A"), (True, "A"), (1, "a"), (1, b"A")):
+        with pytest.raises(CodecError):
+            classic_system_id(sector, key_type)  # type: ignore[arg-type]
 
 
 def test_a_hardware_sam_needs_only_diversify_and_cmac() -> None:

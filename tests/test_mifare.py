@@ -314,3 +314,156 @@ def test_reader_rejects_garbage_answers_with_core_errors(answers):
         reader.write(4, bytes(16))
     except CoreError:
         pass
+
+
+# ---------------------------------------------------------------------------------------------
+# The C fast paths (firmware/core/_framing.pyx: classic_card_frame, classic_reader_read,
+# classic_reader_command, classic_reader_ack) against the Python code they stand in for
+# ---------------------------------------------------------------------------------------------
+
+# mostly sector 1 (where the session is), now and then anywhere
+_BLOCKS = st.sampled_from([4, 5, 5, 6, 6, 7]) | st.integers(0, 70)
+_VALUES = st.builds(
+    layout.encode_value_block,
+    st.integers(-5, 5000) | st.integers(-(2**31), 2**31 - 1),
+    st.sampled_from([5, 6]) | st.integers(0, 255),
+)
+_AMOUNTS = st.integers(0, 3000) | st.integers(0, 2**31 - 1)
+_SESSION_OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("auth"), st.sampled_from([4, 8]), st.just(FFKEY), st.just("A")),
+        st.tuples(st.just("auth"), _BLOCKS, st.sampled_from([FFKEY, KEY_A]), st.sampled_from("AB")),
+        st.tuples(st.just("read"), _BLOCKS),
+        st.tuples(st.just("write"), _BLOCKS, st.binary(min_size=16, max_size=16) | _VALUES),
+        st.tuples(st.sampled_from(["increment", "decrement"]), _BLOCKS, _AMOUNTS),
+        st.tuples(st.sampled_from(["restore", "transfer"]), _BLOCKS),
+        st.tuples(
+            st.just("value+transfer"),
+            st.sampled_from(["increment", "decrement", "restore"]),
+            _BLOCKS,
+            _AMOUNTS,
+            _BLOCKS,
+        ),
+        st.tuples(st.just("halt")),
+        st.tuples(st.just("reselect")),
+        st.tuples(st.just("air"), st.integers(0, (1 << 200) - 1), st.integers(0, 200)),
+        st.tuples(st.just("flip"), st.integers(1, 3)),
+        st.tuples(st.just("tear"), st.integers(1, 4), st.booleans()),
+    ),
+    max_size=30,
+)
+
+
+def _session_transcript(seed: int, ops: list[tuple], *, slow: bool) -> list[tuple]:
+    """Run ``ops`` against a seeded virtual card; every outcome and the state after it.
+
+    ``slow``: the card's and the tag's C paths are switched off, the reader has a tracer
+    (which keeps it on its Python paths) and a fault is armed that never fires (which keeps
+    the virtual card on its fault-checking path, which goes through ``ClassicTag.handle``)."""
+    from firmware.core import mifare
+    from firmware.core.anticollision import Field, select_card
+    from simulators.cards import VirtualCard
+
+    rng = random.Random(seed)
+    card = VirtualCard.new(layout.CardType.CLASSIC_1K, rng=random.Random(seed))
+    field = Field([card])
+    saved = mifare.classic_card_frame, mifare.classic_tag_frame
+    if slow:
+        mifare.classic_card_frame = lambda card, frame: None
+        mifare.classic_tag_frame = lambda tag, frame: None
+        card.faults.tear_after(10**9)
+    out: list[tuple] = []
+    try:
+        reader = None
+
+        def connect() -> ClassicReader:
+            field.reset()
+            selected = select_card(field.transceive)
+            return ClassicReader(
+                field.transceive,
+                selected.uid,
+                nonce=lambda: rng.getrandbits(32),
+                tracer=(lambda entry: None) if slow else None,
+            )
+
+        reader = connect()
+        reader.authenticate(4, FFKEY, "A")
+        reader.write(5, layout.encode_value_block(1000, 5))
+        reader.write(6, layout.encode_value_block(-7, 6))
+        for op in ops:
+            name, *args = op
+            try:
+                if name == "auth":
+                    result = reader.authenticate(*args)
+                elif name == "reselect" or not card.in_field:
+                    card.place()  # back after a tear
+                    reader = connect()
+                    result = reader.uid
+                elif name == "reselect":
+                    reader = connect()
+                    result = reader.uid
+                elif name == "air":
+                    bits, length = args
+                    result = field.transceive(BitFrame(bits & ((1 << length) - 1), length))
+                elif name == "flip":
+                    result = card.faults.flip_bits(*args)
+                elif name == "tear":
+                    result = card.faults.tear_after(args[0], answer=args[1])
+                elif name == "value+transfer":
+                    how, block, amount, target = args
+                    if reader.cipher is None:
+                        card.place()
+                        reader = connect()
+                        reader.authenticate(4, FFKEY, "A")
+                    if how == "restore":
+                        reader.restore(block)
+                    else:
+                        getattr(reader, how)(block, amount)
+                    result = reader.transfer(target)
+                else:
+                    if reader.cipher is None:  # open a session first, as a rig would
+                        card.place()
+                        reader = connect()
+                        reader.authenticate(4, FFKEY, "A")
+                    result = getattr(reader, name)(*args)
+                outcome = ("ok", result)
+            except (CoreError, ValueError) as exc:
+                outcome = ("raised", type(exc), str(exc))
+            tag = card.tag
+            out.append(
+                (
+                    op,
+                    outcome,
+                    bytes(card.memory),
+                    tag.card.state,
+                    tag.selector.state,
+                    card.in_field,
+                    card.counters.as_dict(),
+                    reader.cipher is None,
+                )
+            )
+    finally:
+        mifare.classic_card_frame, mifare.classic_tag_frame = saved
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(seed=st.integers(0, 2**32), ops=_SESSION_OPS)
+def test_fast_paths_match_the_python_paths(seed, ops):
+    fast = _session_transcript(seed, ops, slow=False)
+    assert fast == _session_transcript(seed, ops, slow=True)
+
+
+def test_fast_paths_are_taken():
+    """The C paths are really in use on an ordinary session (else the test above compares
+    the Python paths with themselves)."""
+    from firmware.core import _framing
+
+    card, reader, _ = make_pair()
+    reader.authenticate(4, FFKEY, "A")
+    assert _framing.classic_reader_read(reader, 4) == bytes(16)
+    frame = _framing.classic_reader_command(reader, bytes([0x30, 4]))  # READ 4, by hand
+    assert reader.cipher is not None and frame.length == 162
+    assert _framing.classic_card_frame(card, BitFrame(0, 0)) is None  # not a session frame
+    assert _framing.classic_tag_frame(card, frame) is None  # not a tag
+    assert _framing.classic_reader_ack(reader, BitFrame(0, 0), "x") is False

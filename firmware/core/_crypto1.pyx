@@ -9,6 +9,8 @@ swap. The taps and filter tables are taken from the reference at import, so ther
 place that states them.
 """
 
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport uint32_t, uint64_t
 
 from firmware.core import crypto1_ref as _ref
@@ -22,6 +24,11 @@ cdef uint32_t FC = _ref._FC
 cdef uint32_t POLY_ODD = 0
 cdef uint32_t POLY_EVEN = 0
 cdef unsigned char ODD_PARITY[256]
+# The filter's first layer, two nibbles of the odd half per table: byte 0 (x41..x47 and
+# x33..x39) gives bits 4 and 3 of FC's index, byte 1 bits 2 and 1, nibble 4 bit 0.
+cdef unsigned char FILTER_LO[256]
+cdef unsigned char FILTER_MID[256]
+cdef unsigned char FILTER_HI[16]
 
 
 def _init_tables():
@@ -38,6 +45,10 @@ def _init_tables():
             POLY_EVEN |= 1 << ((46 - p) >> 1)
     for b in range(256):
         ODD_PARITY[b] = (bin(b).count("1") + 1) & 1
+        FILTER_LO[b] = ((FB >> (b & 0xF)) & 1) << 4 | ((FA >> (b >> 4)) & 1) << 3
+        FILTER_MID[b] = ((FB >> (b & 0xF)) & 1) << 2 | ((FB >> (b >> 4)) & 1) << 1
+    for b in range(16):
+        FILTER_HI[b] = (FA >> b) & 1
 
 
 _init_tables()
@@ -46,20 +57,28 @@ _init_tables()
 cdef inline uint32_t _filter(uint32_t odd) noexcept nogil:
     # nibble 0 of the odd half is (x41, x43, x45, x47) with x41 as its most significant bit,
     # nibble 4 is (x9 .. x15); the first-layer outputs index FC with x9..x15's as bit 0.
-    cdef uint32_t idx
-    idx = ((FB >> (odd & 0xF)) & 1) << 4
-    idx |= ((FA >> ((odd >> 4) & 0xF)) & 1) << 3
-    idx |= ((FB >> ((odd >> 8) & 0xF)) & 1) << 2
-    idx |= ((FB >> ((odd >> 12) & 0xF)) & 1) << 1
-    idx |= (FA >> ((odd >> 16) & 0xF)) & 1
+    # FB(nibble 0) << 4 | FA(nibble 1) << 3 | FB(nibble 2) << 2 | FB(nibble 3) << 1 | FA(nibble 4)
+    cdef uint32_t idx = (
+        FILTER_LO[odd & 0xFF] | FILTER_MID[(odd >> 8) & 0xFF] | FILTER_HI[(odd >> 16) & 0xF]
+    )
     return (FC >> idx) & 1
 
 
-cdef class Crypto1:
-    """One Crypto1 cipher state (Cython). See :class:`firmware.core.crypto1_ref.Crypto1Ref`."""
+cdef inline uint32_t _clock(Crypto1 c, uint32_t in1, bint encrypted) noexcept nogil:
+    cdef uint32_t ks = _filter(c.odd)
+    cdef uint32_t fb = in1 ^ (ks & encrypted)
+    fb ^= __builtin_parity((c.odd & POLY_ODD) ^ (c.even & POLY_EVEN))
+    cdef uint32_t t = c.odd
+    c.odd = ((c.even << 1) | fb) & 0xFFFFFF
+    c.even = t
+    return ks
 
-    cdef uint32_t odd
-    cdef uint32_t even
+
+cdef class Crypto1:
+    """One Crypto1 cipher state (Cython). See :class:`firmware.core.crypto1_ref.Crypto1Ref`.
+
+    The register halves and the C-level methods are declared in ``_crypto1.pxd``.
+    """
 
     def __init__(self, key):
         cdef uint64_t k
@@ -91,27 +110,18 @@ cdef class Crypto1:
                 v |= <uint64_t>((self.even >> ((46 - p) >> 1)) & 1) << p
         return v
 
-    cdef inline uint32_t _clock(self, uint32_t in1, bint encrypted) noexcept nogil:
-        cdef uint32_t ks = _filter(self.odd)
-        cdef uint32_t fb = in1 ^ (ks & encrypted)
-        fb ^= __builtin_parity((self.odd & POLY_ODD) ^ (self.even & POLY_EVEN))
-        cdef uint32_t t = self.odd
-        self.odd = ((self.even << 1) | fb) & 0xFFFFFF
-        self.even = t
-        return ks
-
     cpdef int peek(self):
         """The keystream bit the next clock produces (it encrypts the parity bit before it)."""
         return _filter(self.odd)
 
     cpdef int bit(self, int in1, bint encrypted=False):
-        return self._clock(in1 & 1, encrypted)
+        return _clock(self, in1 & 1, encrypted)
 
     cpdef int byte(self, int in8, bint encrypted=False):
         cdef uint32_t out = 0
         cdef int i
         for i in range(8):
-            out |= self._clock((in8 >> i) & 1, encrypted) << i
+            out |= _clock(self, (in8 >> i) & 1, encrypted) << i
         return out
 
     cpdef uint32_t word(self, uint32_t in32, bint encrypted=False):
@@ -119,7 +129,43 @@ cdef class Crypto1:
         cdef int i, pos
         for i in range(32):
             pos = i ^ 24   # on-air bit i: bit (i mod 8) of byte (i div 8), byte 0 most significant
-            out |= self._clock((in32 >> pos) & 1, encrypted) << pos
+            out |= _clock(self, (in32 >> pos) & 1, encrypted) << pos
+        return out
+
+    cdef void crypt(self, const unsigned char *src, unsigned char *dst, unsigned char *par,
+                    Py_ssize_t n, bint feed, bint decrypt) noexcept nogil:
+        cdef Py_ssize_t j
+        cdef uint32_t b, ks, i, odd, even, fb, t
+        feed = feed != 0
+        decrypt = decrypt != 0
+        # the register in locals: the compiler keeps it in registers across the loop
+        odd = self.odd
+        even = self.even
+        for j in range(n):
+            b = src[j]
+            ks = 0
+            for i in range(8):
+                t = _filter(odd)
+                ks |= t << i
+                fb = ((b >> i) & 1) & feed
+                fb ^= t & decrypt & feed
+                fb ^= __builtin_parity((odd & POLY_ODD) ^ (even & POLY_EVEN))
+                t = odd
+                odd = ((even << 1) | fb) & 0xFFFFFF
+                even = t
+            dst[j] = b ^ ks
+            if decrypt:
+                par[j] = _filter(odd)
+            else:
+                par[j] = ODD_PARITY[b] ^ _filter(odd)
+        self.odd = odd
+        self.even = even
+
+    cdef unsigned long long keystream_bits(self, int nbits) noexcept nogil:
+        cdef unsigned long long out = 0
+        cdef int i
+        for i in range(nbits):
+            out |= (<unsigned long long>_clock(self, 0, 0)) << i
         return out
 
     def keystream(self, Py_ssize_t nbytes):
@@ -131,58 +177,80 @@ cdef class Crypto1:
         for j in range(nbytes):
             b = 0
             for i in range(8):
-                b |= self._clock(0, 0) << i
+                b |= _clock(self, 0, 0) << i
             out[j] = b
         return bytes(out)
 
-    def encrypt_bytes(self, const unsigned char[:] plain, bint feed=False):
+    def encrypt_bytes(self, plain, bint feed=False):
         """Encrypt ``plain``; return the ciphertext and its encrypted parity bits (bit i for
         byte i). With ``feed`` the plaintext is shifted into the register (the reader nonce)."""
-        cdef Py_ssize_t n = plain.shape[0], j
-        cdef bytearray out = bytearray(n)
-        cdef object parity = 0
-        cdef uint64_t par64 = 0
-        cdef uint32_t b, ks, i
-        for j in range(n):
-            b = plain[j]
-            ks = 0
-            for i in range(8):
-                ks |= self._clock(((b >> i) & 1) if feed else 0, 0) << i
-            out[j] = b ^ ks
-            if j < 64:
-                par64 |= <uint64_t>(ODD_PARITY[b] ^ _filter(self.odd)) << j
-            else:
-                parity |= (<object>(ODD_PARITY[b] ^ _filter(self.odd))) << j
-        return bytes(out), parity | par64
+        if type(plain) is bytes:
+            return _crypt_bytes(self, plain, feed, False)
+        return _crypt_view(self, plain, feed, False)
 
-    def decrypt_bytes(self, const unsigned char[:] data, bint feed=False):
+    def decrypt_bytes(self, data, bint feed=False):
         """Decrypt ``data``; return the plaintext and the keystream bits that encrypted each
         byte's parity bit (bit i for byte i). With ``feed`` the ciphertext is decrypted into
         the register (the card absorbing {nr})."""
-        cdef Py_ssize_t n = data.shape[0], j
-        cdef bytearray out = bytearray(n)
-        cdef object parity = 0
-        cdef uint64_t par64 = 0
-        cdef uint32_t c, ks, i
+        if type(data) is bytes:
+            return _crypt_bytes(self, data, feed, True)
+        return _crypt_view(self, data, feed, True)
+
+
+cdef object _result(Crypto1 c, const unsigned char *src, Py_ssize_t n, bint feed, bint decrypt):
+    """(output bytes, parity bits as an int) of :meth:`Crypto1.crypt` over ``src``."""
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
+    cdef unsigned char small[64]
+    cdef unsigned char *par = small
+    cdef uint64_t par64 = 0
+    cdef object parity
+    cdef Py_ssize_t j
+    if n > 64:
+        par = <unsigned char *>PyMem_Malloc(n)
+        if par == NULL:
+            raise MemoryError()
+    try:
+        c.crypt(src, <unsigned char *>PyBytes_AS_STRING(out), par, n, feed, decrypt)
+        for j in range(min(n, 64)):
+            par64 |= (<uint64_t>par[j]) << j
+        parity = par64
+        for j in range(64, n):
+            if par[j]:
+                parity |= (<object>1) << j
+        return out, parity
+    finally:
+        if par != small:
+            PyMem_Free(par)
+
+
+cdef object _crypt_bytes(Crypto1 c, bytes data, bint feed, bint decrypt):
+    # bytes are immutable and ``crypt`` runs no Python code: the pointer stays valid
+    return _result(c, <const unsigned char *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data),
+                   feed, decrypt)
+
+
+cdef object _crypt_view(Crypto1 c, const unsigned char[:] data, bint feed, bint decrypt):
+    # any other buffer (bytearray, memoryview, array('B'), strided or not), through a typed
+    # memoryview as before, copied out element by element
+    cdef Py_ssize_t n = data.shape[0], j
+    cdef unsigned char small[64]
+    cdef unsigned char *buf = small
+    small[0] = 0  # (read by nobody when n == 0; keeps the compiler from guessing)
+    if n > 64:
+        buf = <unsigned char *>PyMem_Malloc(n)
+        if buf == NULL:
+            raise MemoryError()
+    try:
         for j in range(n):
-            c = data[j]
-            ks = 0
-            for i in range(8):
-                ks |= self._clock(((c >> i) & 1) if feed else 0, feed) << i
-            out[j] = c ^ ks
-            if j < 64:
-                par64 |= <uint64_t>_filter(self.odd) << j
-            else:
-                parity |= (<object>_filter(self.odd)) << j
-        return bytes(out), parity | par64
+            buf[j] = data[j]
+        return _result(c, buf, n, feed, decrypt)
+    finally:
+        if buf != small:
+            PyMem_Free(buf)
 
 
 def prng_successor(uint32_t x, long n):
     """The card's nonce generator advanced ``n`` steps; see the reference for the convention."""
     if n < 0:
         raise ValueError("the PRNG only runs forwards")
-    cdef uint32_t v = ((x & 0xFF) << 24) | ((x & 0xFF00) << 8) | ((x >> 8) & 0xFF00) | (x >> 24)
-    cdef long k
-    for k in range(n):
-        v = (v >> 1) | ((((v >> 16) ^ (v >> 18) ^ (v >> 19) ^ (v >> 21)) & 1) << 31)
-    return ((v & 0xFF) << 24) | ((v & 0xFF00) << 8) | ((v >> 8) & 0xFF00) | (v >> 24)
+    return prng_suc(x, n)

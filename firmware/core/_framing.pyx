@@ -14,6 +14,17 @@ reference, so every odd input behaves exactly as the specification says. BitFram
 and parity tables and the references are looked up from :mod:`.iso14443a` and :mod:`.crypto1`
 on first use (not at import), so the tables are stated in one place and either module may be
 imported first.
+
+The cipher work is one C call per frame into :class:`~._crypto1.Crypto1` (``crypt``, declared
+in ``_crypto1.pxd``), and the frames built here are BitFrame instances made without running
+its ``__init__`` (their values fit by construction), which is most of a frame's cost in a
+tap.
+
+The last sections are the hot paths of :mod:`.mifare` itself, the frames of an open session
+on both sides (a card's READ and WRITE, the reader's READ, command frames and ACKs, the
+{at} of an authentication): each does what the Python method it stands in for does, hands
+everything else back to that method, and ``tests/test_mifare.py`` runs whole sessions with and
+without them and compares every answer, every state and every byte of card memory.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
@@ -21,11 +32,11 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
-from libc.stdint cimport uint16_t, uint64_t
+from libc.stdint cimport int32_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from firmware.core._crypto1 import Crypto1 as _Crypto1
-from firmware.core.errors import CrcError, FrameError, ParityError
+from firmware.core._crypto1 cimport Crypto1, prng_suc
+from firmware.core.errors import CoreError, CrcError, FrameError, ParityError
 
 cdef extern from *:
     """
@@ -59,7 +70,26 @@ cdef extern from *:
         return _PyLong_AsByteArray((PyLongObject *)v, buf, n, 1, 0);
     #endif
     }
+    /* A new instance of the BitFrame dataclass with its three slots set through their member
+       descriptors: what its __init__ does with object.__setattr__, minus the Python frame
+       and the __post_init__ check, for values built here that fit by construction. */
+    static PyObject *afc_new_frame(PyObject *cls, PyObject *d_bits, PyObject *d_length,
+                                   PyObject *d_collision, PyObject *bits, PyObject *length,
+                                   PyObject *collision) {
+        PyTypeObject *t = (PyTypeObject *)cls;
+        PyObject *f = t->tp_alloc(t, 0);
+        if (f == NULL) return NULL;
+        if (Py_TYPE(d_bits)->tp_descr_set(d_bits, f, bits) < 0
+                || Py_TYPE(d_length)->tp_descr_set(d_length, f, length) < 0
+                || Py_TYPE(d_collision)->tp_descr_set(d_collision, f, collision) < 0) {
+            Py_DECREF(f);
+            return NULL;
+        }
+        return f;
+    }
     """
+    object afc_new_frame(object cls, object d_bits, object d_length, object d_collision,
+                         object bits, object length, object collision)
     object afc_long_from_le(const unsigned char *buf, size_t n)
     int afc_long_to_le(object v, unsigned char *buf, size_t n) except -1
     long PyLong_AsLongAndOverflow(object v, int *overflow) except? -1
@@ -77,6 +107,12 @@ cdef uint16_t CRC_TABLE[256]
 cdef unsigned int CRC_INIT = 0
 cdef unsigned char PARITY[256]
 cdef object _BitFrame = None   # also the "bound" flag: None until _bind() ran
+# BitFrame's slot descriptors, for building frames without a trip through its __init__; None
+# when BitFrame is not the slots dataclass this expects (then its constructor is called)
+cdef object _D_BITS = None
+cdef object _D_LENGTH = None
+cdef object _D_COLLISION = None
+cdef object _NO_COLLISION = -1
 cdef object _iso = None        # firmware.core.iso14443a, for its references
 cdef object _c1 = None         # firmware.core.crypto1, for its references
 
@@ -93,8 +129,34 @@ cdef int _bind() except -1:
         PARITY[i] = parity[i]
     CRC_INIT = m.CRC_A_INIT
     _iso = m
+    _bind_slots(m.BitFrame)
     _BitFrame = m.BitFrame
     return 0
+
+
+cdef int _bind_slots(object cls) except -1:
+    global _D_BITS, _D_LENGTH, _D_COLLISION
+    member = type(cls.__dict__.get("bits"))
+    if (
+        getattr(cls, "__slots__", None) != ("bits", "length", "collision")
+        or any(type(cls.__dict__.get(n)) is not member for n in ("length", "collision"))
+        or member.__name__ != "member_descriptor"
+        or cls.__new__ is not object.__new__
+        or cls.__dataclass_fields__["collision"].default != -1
+    ):
+        return 0
+    _D_BITS = cls.__dict__["bits"]
+    _D_LENGTH = cls.__dict__["length"]
+    _D_COLLISION = cls.__dict__["collision"]
+    return 0
+
+
+cdef inline object _frame(object bits, object length):
+    """``BitFrame(bits, length)`` for values that fit (checked by whoever built them)."""
+    if _D_BITS is None:
+        return _BitFrame(bits, length)
+    return afc_new_frame(_BitFrame, _D_BITS, _D_LENGTH, _D_COLLISION, bits, length,
+                         _NO_COLLISION)
 
 
 cdef object _crypto1_refs():
@@ -165,7 +227,7 @@ cdef inline void _unpack(const unsigned char *bits, Py_ssize_t n, unsigned char 
 
 
 cdef object _make_frame(const unsigned char *buf, Py_ssize_t nbytes, Py_ssize_t length):
-    return _BitFrame(afc_long_from_le(buf, <size_t>nbytes), length)
+    return _frame(afc_long_from_le(buf, <size_t>nbytes), length)
 
 
 cdef object _encode(const unsigned char *p, const unsigned char *par, Py_ssize_t n):
@@ -452,13 +514,42 @@ def encrypt_frame(cipher, plain, feed=False):
     """A whole encrypted frame: data bytes and parity bits, each parity bit encrypted with the
     keystream bit that will encrypt the next data bit."""
     cdef unsigned char psmall[SMALL]
+    cdef unsigned char dsmall[SMALL]
     cdef unsigned char *par = psmall
+    cdef unsigned char *enc = dsmall
     cdef const unsigned char *p
     cdef Py_ssize_t n
-    if type(cipher) is not _Crypto1:
+    cdef bint fed
+    if type(cipher) is not Crypto1:
         return _crypto1_refs().encrypt_frame_ref(cipher, plain, feed)
     if _BitFrame is None:
         _bind()
+    if not _as_buf(plain, &p, &n):
+        # any other buffer: through encrypt_bytes, which takes whatever a memoryview takes
+        return _encrypt_frame_via_bytes(<Crypto1>cipher, plain, feed)
+    fed = feed
+    if n > SMALL:
+        par = <unsigned char *>PyMem_Malloc(n)
+        enc = <unsigned char *>PyMem_Malloc(n)
+        if par == NULL or enc == NULL:
+            PyMem_Free(par)
+            PyMem_Free(enc)
+            raise MemoryError()
+    try:
+        # ``crypt`` runs no Python code, so ``p`` (even into a bytearray) stays valid
+        (<Crypto1>cipher).crypt(p, enc, par, n, fed, False)
+        return _encode(enc, par, n)
+    finally:
+        if par != psmall:
+            PyMem_Free(par)
+            PyMem_Free(enc)
+
+
+cdef object _encrypt_frame_via_bytes(Crypto1 cipher, object plain, object feed):
+    cdef unsigned char psmall[SMALL]
+    cdef unsigned char *par = psmall
+    cdef const unsigned char *p
+    cdef Py_ssize_t n
     data, parity = cipher.encrypt_bytes(plain, feed)
     if not _as_buf(data, &p, &n):   # Crypto1.encrypt_bytes returns bytes
         raise TypeError(f"Crypto1.encrypt_bytes returned {type(data).__name__}, not bytes")
@@ -484,33 +575,37 @@ def decrypt_frame(cipher, frame, feed=False):
     cdef unsigned char *bits = NULL
     cdef unsigned char psmall[SMALL]
     cdef unsigned char ksmall[SMALL]
+    cdef unsigned char dsmall[SMALL]
     cdef unsigned char *par = psmall
     cdef unsigned char *ks = ksmall
-    cdef const unsigned char *q
-    cdef Py_ssize_t n, i, m
-    cdef bytes data
-    if type(cipher) is not _Crypto1:
+    cdef unsigned char *enc = dsmall
+    cdef unsigned char *q
+    cdef Py_ssize_t n, i
+    cdef bytes plain
+    cdef bint fed
+    if type(cipher) is not Crypto1:
         return _crypto1_refs().decrypt_frame_ref(cipher, frame, feed)
     if _BitFrame is None:
         _bind()
     if not _frame_bits(frame, small, sizeof(small), &bits, &n):
         return _crypto1_refs().decrypt_frame_ref(cipher, frame, feed)
     try:
+        fed = feed
         if n > SMALL:
             par = <unsigned char *>PyMem_Malloc(n)
             ks = <unsigned char *>PyMem_Malloc(n)
-            if par == NULL or ks == NULL:
+            enc = <unsigned char *>PyMem_Malloc(n)
+            if par == NULL or ks == NULL or enc == NULL:
                 raise MemoryError()
-        data = PyBytes_FromStringAndSize(NULL, n)
-        _unpack(bits, n, <unsigned char *>PyBytes_AS_STRING(data), par)
-        plain, ks_parity = cipher.decrypt_bytes(data, feed)
-        # Crypto1.decrypt_bytes returns bytes of the same length
-        if not _as_buf(plain, &q, &m) or m != n:
-            raise TypeError("Crypto1.decrypt_bytes did not return bytes of the frame's length")
-        _int_bits_to_array(ks_parity, m, ks)
-        for i in range(m):
+        _unpack(bits, n, enc, par)
+        plain = PyBytes_FromStringAndSize(NULL, n)
+        q = <unsigned char *>PyBytes_AS_STRING(plain)
+        # the whole frame goes through the cipher before the parity is judged, as the
+        # reference does: the cipher state afterwards does not depend on where it fails
+        (<Crypto1>cipher).crypt(enc, q, ks, n, fed, True)
+        for i in range(n):
             if par[i] ^ ks[i] != PARITY[q[i]]:
-                raise ParityError(f"encrypted parity error in byte {i} of {m}")
+                raise ParityError(f"encrypted parity error in byte {i} of {n}")
         return plain
     finally:
         if bits != small:
@@ -519,14 +614,16 @@ def decrypt_frame(cipher, frame, feed=False):
             PyMem_Free(par)
         if ks != ksmall:
             PyMem_Free(ks)
+        if enc != dsmall:
+            PyMem_Free(enc)
 
 
 def encrypt_bits(cipher, value, nbits):
     """A short encrypted frame of ``nbits`` raw bits (the 4-bit ACK/NACK), LSB first."""
     cdef int overflow = 0
-    cdef long count, i
-    cdef uint64_t v, out = 0
-    if type(cipher) is not _Crypto1 or type(value) is not int or type(nbits) is not int:
+    cdef long count
+    cdef uint64_t v, out
+    if type(cipher) is not Crypto1 or type(value) is not int or type(nbits) is not int:
         return _crypto1_refs().encrypt_bits_ref(cipher, value, nbits)
     count = PyLong_AsLongAndOverflow(nbits, &overflow)
     if overflow or count < 0 or count > 64:
@@ -534,20 +631,20 @@ def encrypt_bits(cipher, value, nbits):
     if _BitFrame is None:
         _bind()
     v = PyLong_AsUnsignedLongLongMask(value)   # the low 64 bits, two's complement if < 0
-    clock = cipher.bit
-    for i in range(count):
-        out |= (((v >> i) & 1) ^ (<uint64_t>(<int>clock(0) & 1))) << i
-    return _BitFrame(out, nbits)
+    out = v ^ (<Crypto1>cipher).keystream_bits(<int>count)
+    if count < 64:
+        out &= (<uint64_t>1 << count) - 1
+    return _frame(out, nbits)
 
 
 def decrypt_bits(cipher, frame):
     """The plain value of a short encrypted frame (see :func:`encrypt_bits`)."""
     cdef int overflow = 0
-    cdef long length, i
-    cdef uint64_t v, out = 0
+    cdef long length
+    cdef uint64_t v, out
     if _BitFrame is None:
         _bind()
-    if type(cipher) is not _Crypto1 or type(frame) is not _BitFrame:
+    if type(cipher) is not Crypto1 or type(frame) is not _BitFrame:
         return _crypto1_refs().decrypt_bits_ref(cipher, frame)
     py_length = frame.length
     py_bits = frame.bits
@@ -558,8 +655,692 @@ def decrypt_bits(cipher, frame):
         return _crypto1_refs().decrypt_bits_ref(cipher, frame)
     if length > 8:
         raise FrameError(f"a short encrypted frame has at most 8 bits, got {length}")
+    if length <= 0:
+        return 0
     v = PyLong_AsUnsignedLongLongMask(py_bits)
-    clock = cipher.bit
-    for i in range(length):
-        out |= (((v >> i) & 1) ^ (<uint64_t>(<int>clock(0) & 1))) << i
+    out = (v ^ (<Crypto1>cipher).keystream_bits(<int>length)) & ((<uint64_t>1 << length) - 1)
     return out
+
+
+def encrypt_reader_answer(cipher, nr, ar):
+    """The reader's {nr}{ar} frame of the authentication: ``nr`` encrypted while it is fed
+    into the register, ``ar`` encrypted without feeding, each parity bit encrypted with the
+    keystream bit after its byte."""
+    cdef unsigned char psmall[SMALL]
+    cdef unsigned char dsmall[SMALL]
+    cdef const unsigned char *p1
+    cdef const unsigned char *p2
+    cdef Py_ssize_t n1, n2
+    if (
+        type(cipher) is not Crypto1
+        or not _as_buf(nr, &p1, &n1)
+        or not _as_buf(ar, &p2, &n2)
+        or n1 + n2 > SMALL
+    ):
+        return _crypto1_refs().encrypt_reader_answer_ref(cipher, nr, ar)
+    if _BitFrame is None:
+        _bind()
+    (<Crypto1>cipher).crypt(p1, dsmall, psmall, n1, True, False)
+    (<Crypto1>cipher).crypt(p2, dsmall + n1, psmall + n1, n2, False, False)
+    return _encode(dsmall, psmall, n1 + n2)
+
+
+def decrypt_reader_answer(cipher, frame):
+    """The card's side of :func:`encrypt_reader_answer`: the plain ``nr || ar`` (8 bytes) of
+    an {nr}{ar} frame, ``nr`` decrypted into the register.
+
+    :class:`FrameError` for a frame that is not 8 bytes with parity (the cipher untouched),
+    :class:`ParityError` when a decrypted parity bit is wrong (after all 8 bytes went through
+    the cipher): the reader does not hold the key.
+    """
+    cdef unsigned char small[SMALL_PACKED]
+    cdef unsigned char *bits = NULL
+    cdef unsigned char par[8]
+    cdef unsigned char ks[8]
+    cdef unsigned char enc[8]
+    cdef unsigned char *q
+    cdef Py_ssize_t n, i
+    cdef bytes plain
+    if type(cipher) is not Crypto1:
+        return _crypto1_refs().decrypt_reader_answer_ref(cipher, frame)
+    if _BitFrame is None:
+        _bind()
+    if not _frame_bits(frame, small, sizeof(small), &bits, &n):
+        return _crypto1_refs().decrypt_reader_answer_ref(cipher, frame)
+    try:
+        if n != 8:
+            raise FrameError(
+                f"the reader's answer {{nr}}{{ar}} must be 8 bytes with parity, got {n}"
+            )
+        _unpack(bits, 8, enc, par)
+        plain = PyBytes_FromStringAndSize(NULL, 8)
+        q = <unsigned char *>PyBytes_AS_STRING(plain)
+        (<Crypto1>cipher).crypt(enc, q, ks, 4, True, True)
+        (<Crypto1>cipher).crypt(enc + 4, q + 4, ks + 4, 4, False, True)
+        for i in range(8):
+            if par[i] ^ ks[i] != PARITY[q[i]]:
+                raise ParityError(f"encrypted parity error in byte {i} of 8")
+        return plain
+    finally:
+        if bits != small:
+            PyMem_Free(bits)
+
+
+# ---------------------------------------------------------------------------------------------
+# MIFARE Classic card: a frame in an open session
+# ---------------------------------------------------------------------------------------------
+
+cdef object _ClassicCard = None    # firmware.core.mifare.ClassicCard, bound on first use
+cdef object _ClassicReader = None
+cdef object _ClassicTag = None
+cdef object _PICC_ACTIVE = None
+cdef object _HLTA_BITS = None
+cdef object _ST_HALTED = None
+cdef object _ST_ABORTED = None
+cdef object _ST_AUTHENTICATED = None
+cdef object _ST_AUTH_NONCE_SENT = None
+cdef object _ST_WRITE_PENDING = None
+cdef object _ST_VALUE_PENDING = None
+cdef int _CMD_READ = 0, _CMD_WRITE = 0, _ACK = 0, _NACK_CRC = 0, _NACK_INVALID_OP = 0
+cdef int _CMD_TRANSFER = 0, _CMD_INCREMENT = 0, _CMD_DECREMENT = 0, _CMD_RESTORE = 0
+cdef object _VALUE_OPS = None      # mifare._VALUE_OPS: command -> operation name
+cdef object _SILENCE = None
+
+
+cdef int _bind_card() except -1:
+    global _ClassicCard, _ClassicReader, _ST_AUTHENTICATED, _ST_WRITE_PENDING
+    global _ST_VALUE_PENDING, _ST_AUTH_NONCE_SENT
+    global _CMD_READ, _CMD_WRITE, _ACK, _NACK_CRC, _NACK_INVALID_OP
+    from firmware.core import mifare as m
+    _ST_AUTHENTICATED = m.CardState.AUTHENTICATED
+    _ST_AUTH_NONCE_SENT = m.CardState.AUTH_NONCE_SENT
+    _ST_WRITE_PENDING = m.CardState.WRITE_PENDING
+    _ST_VALUE_PENDING = m.CardState.VALUE_PENDING
+    global _CMD_TRANSFER, _CMD_INCREMENT, _CMD_DECREMENT, _CMD_RESTORE, _VALUE_OPS, _SILENCE
+    _CMD_READ, _CMD_WRITE, _ACK = m.READ, m.WRITE, m.ACK
+    _CMD_TRANSFER, _CMD_INCREMENT = m.TRANSFER, m.INCREMENT
+    _CMD_DECREMENT, _CMD_RESTORE = m.DECREMENT, m.RESTORE
+    _VALUE_OPS = m._VALUE_OPS
+    _SILENCE = m.SILENCE
+    _NACK_CRC, _NACK_INVALID_OP = m.NACK_CRC, m.NACK_INVALID_OP
+    from firmware.core import anticollision as a
+    global _ClassicTag, _PICC_ACTIVE, _HLTA_BITS, _ST_HALTED, _ST_ABORTED
+    if a.HLTA_FRAME.length != 36:  # pragma: no cover - ISO 14443-3 fixes it
+        raise AssertionError("HLTA is 4 bytes with parity")
+    _PICC_ACTIVE = a.PiccState.ACTIVE
+    _HLTA_BITS = a.HLTA_FRAME.bits
+    _ST_HALTED = m.CardState.HALTED
+    _ST_ABORTED = m.CardState.ABORTED
+    _ClassicTag = m.ClassicTag
+    _ClassicReader = m.ClassicReader
+    _ClassicCard = m.ClassicCard
+    return 0
+
+
+def classic_card_frame(card, frame):
+    """What :meth:`ClassicCard.handle <firmware.core.mifare.ClassicCard.handle>` answers to a
+    standard frame in an open session, or None (then nothing happened) when the frame or the
+    card is not one this handles: another state, another cipher, another card class.
+
+    The session's frames are the bulk of a tap, and most of them are READs: the frame is
+    decrypted and its parity and CRC_A checked here in one pass, a READ of a permitted data
+    block and a permitted WRITE command are answered here, and everything else goes to the
+    card's own methods (``_abort``, ``_nack``, ``_command``, ``_write_data``,
+    ``_value_operand``, ``_permits``) with the decrypted payload, exactly where
+    ``handle`` would have sent it. ``tests/test_mifare.py`` runs cards with and without this
+    path side by side.
+    """
+    return _card_frame(card, frame)
+
+
+def classic_tag_frame(tag, frame):
+    """What :meth:`ClassicTag.handle <firmware.core.mifare.ClassicTag.handle>` answers to a
+    frame in an open session (:func:`classic_card_frame` behind a selected activation layer),
+    or None (then nothing happened).
+
+    A frame the activation layer could claim in ACTIVE (7 bits, an exact HLTA, a SELECT's 81
+    bits) is left to ``handle``; after the card's answer, a card that halted or aborted takes
+    its activation layer along, as ``handle`` does.
+    """
+    cdef int overflow = 0
+    cdef long length
+    if _ClassicCard is None:
+        _bind_card()
+    if _BitFrame is None:
+        _bind()
+    if type(tag) is not _ClassicTag or type(frame) is not _BitFrame:
+        return None
+    selector = tag.selector
+    if selector.state is not _PICC_ACTIVE:
+        return None
+    py_length = frame.length
+    if type(py_length) is not int:
+        return None
+    length = PyLong_AsLongAndOverflow(py_length, &overflow)
+    if overflow or length == 7 or length == 81 or (length == 36 and frame.bits == _HLTA_BITS):
+        return None
+    card = tag.card
+    answer = _card_frame(card, frame)
+    if answer is None:
+        return None
+    state = card.state
+    if state is _ST_HALTED:
+        selector.halt()
+        card.reset()
+    elif state is _ST_ABORTED:
+        selector.abort()
+        card.reset()
+    return answer
+
+
+cdef object _card_frame(object card, object frame):
+    cdef unsigned char small[SMALL_PACKED]
+    cdef unsigned char *bits = NULL
+    cdef unsigned char enc[SMALL]
+    cdef unsigned char par[SMALL]
+    cdef unsigned char ks[SMALL]
+    cdef unsigned char plain[SMALL]
+    cdef Py_ssize_t n, i
+    cdef unsigned int crc
+    cdef int overflow = 0
+    cdef long length
+    cdef Crypto1 cipher
+    if _ClassicCard is None:
+        _bind_card()
+    if _BitFrame is None:
+        _bind()
+    if type(card) is not _ClassicCard or type(frame) is not _BitFrame:
+        return None
+    state = card.state
+    if state is _ST_AUTH_NONCE_SENT:
+        return _card_finish_auth(card, frame)
+    if (
+        state is not _ST_AUTHENTICATED
+        and state is not _ST_WRITE_PENDING
+        and state is not _ST_VALUE_PENDING
+    ):
+        return None
+    c = card.cipher
+    if type(c) is not Crypto1:
+        return None
+    py_length = frame.length
+    if type(py_length) is not int:
+        return None
+    length = PyLong_AsLongAndOverflow(py_length, &overflow)
+    if overflow or length <= 0 or length % 9 or length > 9 * SMALL:
+        return None
+    if not _frame_bits(frame, small, sizeof(small), &bits, &n):
+        return None
+    # from here on this is handle(): decrypt_frame, strip_crc, then the dispatch
+    _unpack(bits, n, enc, par)
+    if bits != small:  # pragma: no cover - n <= SMALL fits ``small``
+        PyMem_Free(bits)
+    cipher = <Crypto1>c
+    cipher.crypt(enc, plain, ks, n, False, True)
+    for i in range(n):
+        if par[i] ^ ks[i] != PARITY[plain[i]]:
+            return card._abort()  # a frame the chip cannot read: the session ends
+    if n < 3:
+        return card._nack(_NACK_CRC)
+    crc = _crc(plain, n - 2)
+    if crc != (plain[n - 2] | (<unsigned int>plain[n - 1] << 8)):
+        return card._nack(_NACK_CRC)
+    try:
+        answer = None
+        if state is _ST_AUTHENTICATED:
+            if n == 4:
+                if plain[0] == _CMD_READ:
+                    answer = _card_read(card, cipher, plain[1])
+                elif plain[0] == _CMD_WRITE:
+                    answer = _card_write(card, cipher, plain[1])
+                elif plain[0] == _CMD_TRANSFER:
+                    answer = _card_transfer(card, cipher, plain[1])
+                elif (
+                    plain[0] == _CMD_DECREMENT
+                    or plain[0] == _CMD_INCREMENT
+                    or plain[0] == _CMD_RESTORE
+                ):
+                    answer = _card_value_command(card, cipher, plain[0], plain[1])
+        elif state is _ST_WRITE_PENDING:
+            if n == 18:
+                answer = _card_write_data(card, cipher, plain)
+        elif n == 6:  # VALUE_PENDING
+            answer = _card_value_operand(card, plain)
+        if answer is not None:
+            return answer
+        payload = PyBytes_FromStringAndSize(<char *>plain, n - 2)
+        if state is _ST_WRITE_PENDING:
+            return card._write_data(payload)
+        if state is _ST_VALUE_PENDING:
+            return card._value_operand(payload)
+        return card._command(payload)
+    except CoreError:
+        # memory that no longer decodes (a torn value block, broken access bits)
+        return card._nack(_NACK_INVALID_OP)
+
+
+cdef object _card_finish_auth(object card, object frame):
+    """``_finish_auth``: the reader's {nr}{ar} in, the card's {at} out (or the session
+    aborted); None, with nothing done, for anything but an 8-byte frame with the Cython
+    cipher."""
+    cdef unsigned char small[SMALL_PACKED]
+    cdef unsigned char *bits = NULL
+    cdef unsigned char enc[8]
+    cdef unsigned char par[8]
+    cdef unsigned char ks[8]
+    cdef unsigned char plain[8]
+    cdef unsigned char at[4]
+    cdef unsigned char apar[4]
+    cdef Py_ssize_t n
+    cdef int overflow = 0
+    cdef uint32_t nt, ar, suc
+    cdef int i
+    c = card.cipher
+    py_nt = card._nt
+    if type(c) is not Crypto1 or type(py_nt) is not int or not 0 <= py_nt <= 0xFFFFFFFF:
+        return None
+    py_length = frame.length
+    if type(py_length) is not int or PyLong_AsLongAndOverflow(py_length, &overflow) != 72:
+        return None
+    if overflow or not _frame_bits(frame, small, sizeof(small), &bits, &n):
+        return None
+    _unpack(bits, 8, enc, par)
+    if bits != small:  # pragma: no cover - 8 bytes fit ``small``
+        PyMem_Free(bits)
+    nt = py_nt
+    # decrypt_reader_answer: {nr} decrypted into the register, {ar} after it
+    (<Crypto1>c).crypt(enc, plain, ks, 4, True, True)
+    (<Crypto1>c).crypt(enc + 4, plain + 4, ks + 4, 4, False, True)
+    for i in range(8):
+        if par[i] ^ ks[i] != PARITY[plain[i]]:
+            return card._abort()
+    ar = ((<uint32_t>plain[4] << 24) | (<uint32_t>plain[5] << 16)
+          | (<uint32_t>plain[6] << 8) | plain[7])
+    if ar != prng_suc(nt, 64):
+        return card._abort()
+    suc = prng_suc(nt, 96)
+    card.state = _ST_AUTHENTICATED
+    for i in range(4):
+        at[i] = (suc >> (24 - 8 * i)) & 0xFF
+    (<Crypto1>c).crypt(at, at, apar, 4, False, False)
+    return _encode(at, apar, 4)
+
+
+cdef object _card_read(object card, Crypto1 cipher, int block):
+    """The answer to READ ``block`` when it is a permitted data block (else None: the card's
+    ``_command`` answers, a NACK or a masked trailer)."""
+    cdef unsigned char out[18]
+    cdef unsigned char opar[18]
+    cdef const unsigned char *mem
+    cdef unsigned int crc
+    if block >= card._blocks or card._is_trailer[block] or not card._permits(block, "read"):
+        return None
+    memory = card.memory
+    if type(memory) is not bytearray or PyByteArray_GET_SIZE(memory) < 16 * block + 16:
+        return None
+    mem = <const unsigned char *>PyByteArray_AS_STRING(memory)
+    memcpy(out, mem + 16 * block, 16)
+    crc = _crc(out, 16)
+    out[16] = crc & 0xFF
+    out[17] = crc >> 8
+    cipher.crypt(out, out, opar, 18, False, False)
+    return _encode(out, opar, 18)
+
+
+cdef inline object _card_ack(Crypto1 cipher):
+    """The encrypted 4-bit ACK (``_ack()`` in a session)."""
+    return _frame((_ACK ^ cipher.keystream_bits(4)) & 0xF, 4)
+
+
+cdef unsigned char *_card_block(object card, object block, Py_ssize_t *index) except? NULL:
+    """The card memory of ``block`` (a data block of the card, not a trailer) when memory is a
+    bytearray that holds it, else NULL (the caller then leaves the frame to the card's
+    methods); ``*index`` gets the block number.
+
+    Only valid until Python code runs (a call into the card's methods may let another thread
+    resize the bytearray): callers take it again after such a call."""
+    cdef int overflow = 0
+    cdef long b
+    if type(block) is not int:
+        return NULL
+    b = PyLong_AsLongAndOverflow(block, &overflow)
+    if overflow or b < 0 or b >= card._blocks or card._is_trailer[b]:
+        return NULL
+    memory = card.memory
+    if type(memory) is not bytearray or PyByteArray_GET_SIZE(memory) < 16 * b + 16:
+        return NULL
+    index[0] = b
+    return <unsigned char *>PyByteArray_AS_STRING(memory) + 16 * b
+
+
+cdef inline uint32_t _le32(const unsigned char *d) noexcept nogil:
+    return d[0] | (<uint32_t>d[1] << 8) | (<uint32_t>d[2] << 16) | (<uint32_t>d[3] << 24)
+
+
+cdef bint _value_block(const unsigned char *d, long *value, int *addr) noexcept:
+    """``layout.decode_value_block``'s check of a value block: every copy agrees."""
+    cdef uint32_t v0 = _le32(d)
+    cdef unsigned int a = d[12]
+    if _le32(d + 4) != (v0 ^ 0xFFFFFFFF) or _le32(d + 8) != v0:
+        return False
+    if d[14] != a or (d[13] ^ a) != 0xFF or (d[15] ^ a) != 0xFF:
+        return False
+    value[0] = <long>(<int32_t>v0)
+    addr[0] = a
+    return True
+
+
+cdef object _card_value_command(object card, Crypto1 cipher, int cmd, int block):
+    """INCREMENT/DECREMENT/RESTORE of a permitted value block: the card waits for the
+    operand (``_command``'s value branch); None for anything else."""
+    cdef Py_ssize_t b
+    cdef long value
+    cdef int addr
+    cdef unsigned char *d = _card_block(card, block, &b)
+    if d == NULL or not card._permits(block, _VALUE_OPS[cmd]):
+        return None
+    d = _card_block(card, block, &b)  # again, after _permits' Python code
+    if d == NULL or not _value_block(d, &value, &addr):
+        return None
+    card._pending_block = block
+    card._pending_op = cmd
+    card.state = _ST_VALUE_PENDING
+    return _card_ack(cipher)
+
+
+cdef object _card_value_operand(object card, const unsigned char *plain):
+    """The 4-byte operand of a pending value command: the result goes to the transfer
+    buffer and the card stays silent (``_value_operand``); None for anything unusual."""
+    cdef Py_ssize_t b
+    cdef long value, result
+    cdef int addr
+    cdef int32_t operand
+    op = card._pending_op
+    if type(op) is not int:
+        return None
+    cdef unsigned char *d = _card_block(card, card._pending_block, &b)
+    if d == NULL or not _value_block(d, &value, &addr):
+        return None
+    operand = <int32_t>_le32(plain)
+    result = value
+    if op == _CMD_INCREMENT:
+        result = value + operand
+    elif op == _CMD_DECREMENT:
+        result = value - operand
+    if not -2147483648 <= result <= 2147483647:
+        return None  # the card's own method NACKs and drops the transfer buffer
+    card.state = _ST_AUTHENTICATED
+    card._transfer_buffer = (result, addr)
+    return _SILENCE
+
+
+cdef object _card_transfer(object card, Crypto1 cipher, int block):
+    """TRANSFER of the transfer buffer to a permitted value block (``_command``'s TRANSFER
+    branch); None for anything else."""
+    cdef Py_ssize_t b, i
+    cdef long value
+    cdef int addr, overflow = 0
+    cdef uint32_t v
+    tb = card._transfer_buffer
+    if type(tb) is not tuple or len(tb) != 2 or type(tb[0]) is not int or type(tb[1]) is not int:
+        return None
+    value = PyLong_AsLongAndOverflow(tb[0], &overflow)
+    if overflow or not -2147483648 <= value <= 2147483647 or not 0 <= tb[1] <= 0xFF:
+        return None
+    addr = tb[1]
+    cdef unsigned char *d = _card_block(card, block, &b)
+    if d == NULL or not card._permits(block, "transfer"):
+        return None
+    d = _card_block(card, block, &b)  # again, after _permits' Python code
+    if d == NULL:
+        return None
+    # layout.encode_value_block(value, addr)
+    v = <uint32_t>value
+    for i in range(4):
+        d[i] = (v >> (8 * i)) & 0xFF
+        d[4 + i] = ((~v) >> (8 * i)) & 0xFF
+        d[8 + i] = (v >> (8 * i)) & 0xFF
+    d[12] = addr
+    d[13] = addr ^ 0xFF
+    d[14] = addr
+    d[15] = addr ^ 0xFF
+    return _card_ack(cipher)
+
+
+cdef object _card_write_data(object card, Crypto1 cipher, const unsigned char *plain):
+    """The 16 data bytes of a WRITE to a data block (``_write_data``; a trailer is left to
+    it, for its field-by-field rules); None for anything else."""
+    cdef Py_ssize_t b
+    cdef unsigned char *d = _card_block(card, card._pending_block, &b)
+    if d == NULL:
+        return None
+    memcpy(d, plain, 16)
+    card.state = _ST_AUTHENTICATED
+    return _card_ack(cipher)
+
+
+cdef object _card_write(object card, Crypto1 cipher, int block):
+    """The ACK to a permitted WRITE command (the card then waits for the data), else None."""
+    if block >= card._blocks or not card._permits(block, "write"):
+        return None
+    card._pending_block = block
+    card.state = _ST_WRITE_PENDING
+    return _card_ack(cipher)
+
+
+# ---------------------------------------------------------------------------------------------
+# MIFARE Classic reader: READ in an open session
+# ---------------------------------------------------------------------------------------------
+
+
+def classic_reader_read(reader, block):
+    """What :meth:`ClassicReader.read <firmware.core.mifare.ClassicReader.read>` returns for
+    ``block`` in an open session with the Cython cipher and no tracer, or None (then nothing
+    was sent) when it does not apply.
+
+    The command frame is built and encrypted here, sent through the reader's ``transceive``,
+    and an answer of the expected size (16 bytes and CRC_A with parity) is decrypted and
+    checked here; any other answer goes to the reader's ``_encrypted_answer``, as ``read``
+    does. A garbled answer drops the session and raises, as ``read`` does.
+    """
+    cdef unsigned char cmd[4]
+    cdef unsigned char cpar[4]
+    cdef unsigned char small[SMALL_PACKED]
+    cdef unsigned char *bits = NULL
+    cdef unsigned char enc[18]
+    cdef unsigned char par[18]
+    cdef unsigned char ks[18]
+    cdef unsigned char plain[18]
+    cdef Py_ssize_t n, i
+    cdef unsigned int crc, sent
+    cdef int overflow = 0
+    cdef long b
+    if _ClassicCard is None:
+        _bind_card()
+    if _BitFrame is None:
+        _bind()
+    if type(reader) is not _ClassicReader or type(block) is not int:
+        return None
+    c = reader.cipher
+    if type(c) is not Crypto1 or reader._tracer:
+        return None
+    b = PyLong_AsLongAndOverflow(block, &overflow)
+    if overflow or not 0 <= b <= 0xFF:
+        return None
+    cmd[0] = _CMD_READ
+    cmd[1] = <unsigned char>b
+    crc = _crc(cmd, 2)
+    cmd[2] = crc & 0xFF
+    cmd[3] = crc >> 8
+    (<Crypto1>c).crypt(cmd, cmd, cpar, 4, False, False)
+    answer = reader._transceive(_encode(cmd, cpar, 4))
+    c = reader.cipher  # as read() does: the session as it is after the exchange
+    if (
+        type(c) is not Crypto1
+        or type(answer) is not _BitFrame
+        or answer.length != 162
+        or not _frame_bits(answer, small, sizeof(small), &bits, &n)
+    ):
+        return reader._encrypted_answer(answer, f"READ block {block}", 16)
+    _unpack(bits, 18, enc, par)
+    if bits != small:  # pragma: no cover - 18 bytes fit ``small``
+        PyMem_Free(bits)
+    (<Crypto1>c).crypt(enc, plain, ks, 18, False, True)
+    for i in range(18):
+        if par[i] ^ ks[i] != PARITY[plain[i]]:
+            reader.cipher = None
+            raise ParityError(f"encrypted parity error in byte {i} of 18")
+    crc = _crc(plain, 16)
+    sent = plain[16] | (<unsigned int>plain[17] << 8)
+    if crc != sent:
+        reader.cipher = None
+        raise CrcError(
+            f"CRC_A mismatch: frame ends in {sent & 0xFF:02x}{sent >> 8:02x}, "
+            f"contents give {crc & 0xFF:02x}{crc >> 8:02x}"
+        )
+    return PyBytes_FromStringAndSize(<char *>plain, 16)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Nested authentication: the encrypted card nonce
+# ---------------------------------------------------------------------------------------------
+
+
+cdef inline void _nonce_bytes(uint64_t nt, uint64_t ks, unsigned int next_bit,
+                              unsigned char *data, unsigned char *par) noexcept nogil:
+    # byte i of the words is their bits 31 - 8 i .. 24 - 8 i; byte i's parity bit is
+    # encrypted with bit 0 of keystream byte i + 1 (the next clock's bit for the last one)
+    cdef int i
+    for i in range(4):
+        data[i] = ((nt ^ ks) >> (24 - 8 * i)) & 0xFF
+        par[i] = PARITY[(nt >> (24 - 8 * i)) & 0xFF] ^ (
+            ((ks >> (16 - 8 * i)) & 1) if i < 3 else next_bit
+        )
+
+
+def encrypt_nested_nonce(cipher, cuid, nt):
+    """The card's encrypted nonce {nt} of a nested authentication, under a fresh ``cipher``
+    of the sector key: ``cuid ^ nt`` is fed in while the keystream encrypts ``nt``; the
+    parity bits are encrypted with the keystream bit after each byte."""
+    cdef unsigned char data[4]
+    cdef unsigned char par[4]
+    cdef uint64_t u, t, ks
+    if (
+        type(cipher) is not Crypto1
+        or type(cuid) is not int
+        or type(nt) is not int
+        or not 0 <= cuid <= 0xFFFFFFFF
+        or not 0 <= nt <= 0xFFFFFFFF
+    ):
+        return _crypto1_refs().encrypt_nested_nonce_ref(cipher, cuid, nt)
+    if _BitFrame is None:
+        _bind()
+    u = cuid
+    t = nt
+    ks = (<Crypto1>cipher).word(<uint32_t>(u ^ t), False)
+    _nonce_bytes(t, ks, (<Crypto1>cipher).peek(), data, par)
+    return _encode(data, par, 4)
+
+
+def decrypt_nested_nonce(cipher, cuid, frame):
+    """The reader's side of :func:`encrypt_nested_nonce`: the plain ``nt`` of an {nt} frame
+    (4 bytes with parity), ``cuid ^ nt`` fed into ``cipher`` as it is decrypted; None when
+    the decrypted parity bits are wrong (the card does not hold this key).
+
+    :class:`FrameError` for a frame that is not 4 bytes with parity (the cipher untouched).
+    """
+    cdef unsigned char small[SMALL_PACKED]
+    cdef unsigned char *bits = NULL
+    cdef unsigned char enc[4]
+    cdef unsigned char par[4]
+    cdef unsigned char data[4]
+    cdef unsigned char want[4]
+    cdef Py_ssize_t n
+    cdef uint64_t u, enc_nt, ks, nt
+    cdef int i
+    if _BitFrame is None:
+        _bind()
+    if type(cipher) is not Crypto1 or type(cuid) is not int or not 0 <= cuid <= 0xFFFFFFFF:
+        return _crypto1_refs().decrypt_nested_nonce_ref(cipher, cuid, frame)
+    if not _frame_bits(frame, small, sizeof(small), &bits, &n):
+        return _crypto1_refs().decrypt_nested_nonce_ref(cipher, cuid, frame)
+    try:
+        if n != 4:
+            raise FrameError(f"an encrypted nonce must be 4 bytes with parity, got {n}")
+        _unpack(bits, 4, enc, par)
+    finally:
+        if bits != small:
+            PyMem_Free(bits)
+    u = cuid
+    enc_nt = (<uint64_t>enc[0] << 24) | (<uint64_t>enc[1] << 16) | (<uint64_t>enc[2] << 8) | enc[3]
+    ks = (<Crypto1>cipher).word(<uint32_t>(u ^ enc_nt), True)
+    nt = enc_nt ^ ks
+    _nonce_bytes(nt, ks, (<Crypto1>cipher).peek(), data, want)
+    for i in range(4):
+        if want[i] != par[i]:
+            return None
+    return nt
+
+
+# ---------------------------------------------------------------------------------------------
+# MIFARE Classic reader: a command frame and its ACK, without a tracer
+# ---------------------------------------------------------------------------------------------
+
+
+def classic_reader_command(reader, payload):
+    """What :meth:`ClassicReader._command <firmware.core.mifare.ClassicReader._command>` does
+    without a tracer: ``payload`` with its CRC_A, encrypted in an open session, sent through
+    the reader's ``transceive``; returns the answer."""
+    cdef const unsigned char *p
+    cdef Py_ssize_t n
+    cdef unsigned char buf[SMALL]
+    cdef unsigned char par[SMALL]
+    cdef unsigned int crc
+    if _BitFrame is None:
+        _bind()
+    c = reader.cipher
+    if not _as_buf(payload, &p, &n) or n + 2 > SMALL or (c is not None and type(c) is not Crypto1):
+        data = with_crc(payload)
+        return reader._transceive(encrypt_frame(c, data) if c else encode(data))
+    memcpy(buf, p, n)
+    crc = _crc(buf, n)
+    buf[n] = crc & 0xFF
+    buf[n + 1] = crc >> 8
+    if c is None:
+        return reader._transceive(_encode(buf, NULL, n + 2))
+    (<Crypto1>c).crypt(buf, buf, par, n + 2, False, False)
+    return reader._transceive(_encode(buf, par, n + 2))
+
+
+def classic_reader_ack(reader, answer, what):
+    """:meth:`ClassicReader._expect_ack <firmware.core.mifare.ClassicReader._expect_ack>`
+    for a 4-bit answer without a tracer: True for the ACK; any other code raises (through the
+    reader's ``_raise_nack``, which drops the session). False, with nothing done, for any
+    other case (then ``_expect_ack`` runs)."""
+    cdef int overflow = 0
+    cdef long length
+    if _BitFrame is None:
+        _bind()
+    if _ClassicCard is None:
+        _bind_card()
+    if reader._tracer or type(answer) is not _BitFrame:
+        return False
+    py_length = answer.length
+    py_bits = answer.bits
+    if type(py_length) is not int or type(py_bits) is not int:
+        return False
+    length = PyLong_AsLongAndOverflow(py_length, &overflow)
+    if overflow or length != 4:
+        return False
+    c = reader.cipher
+    if c is None:
+        code = py_bits
+    elif type(c) is Crypto1:
+        code = (PyLong_AsUnsignedLongLongMask(py_bits) ^ (<Crypto1>c).keystream_bits(4)) & 0xF
+    else:
+        return False
+    if code == _ACK:
+        return True
+    reader._raise_nack(code, what)
+    raise AssertionError("_raise_nack returned")  # pragma: no cover

@@ -68,6 +68,7 @@ from .errors import (
     ProtocolError,
 )
 from .iso14443a import (
+    _PARITY,
     CASCADE_TAG,
     HLTA,
     REQA,
@@ -101,6 +102,7 @@ _ATQA_BITS = 18  # 2 bytes with parity
 _SAK_BITS = 27  # SAK + CRC_A, 3 bytes with parity
 _SELECT_BITS = 81  # SEL NVB UID CLn BCC CRC_A, 9 bytes with parity
 _HEAD_BITS = 18  # SEL and NVB with parity
+_FULL_ANSWER_BITS = 45  # UID CLn and BCC, 5 bytes with parity
 
 
 class BccError(ProtocolError):
@@ -137,12 +139,35 @@ def nvb(nbits: int) -> int:
     return ((2 + nbits // 8) << 4) | (nbits % 8)
 
 
+# Frames the two roles build again at every tap from the same few arguments (the first
+# ANTICOLLISION of a level, a card's SELECT, SAK and ATQA), kept by their arguments: frames
+# are immutable. Only exact ints and bytes are keys; bounded, as a fuzzer sends anything.
+_FRAMES: dict[tuple[object, ...], BitFrame] = {}
+
+
+def _keep(key: tuple[object, ...], frame: BitFrame) -> BitFrame:
+    if len(_FRAMES) >= 4096:
+        _FRAMES.clear()
+    _FRAMES[key] = frame
+    return frame
+
+
 def anticollision_frame(sel: int, known: int, nbits: int) -> BitFrame:
     """The reader's ANTICOLLISION frame: SEL, NVB and the first ``nbits`` (0..39) bits of
     ``known`` (UID CLn ‖ BCC as an integer, bit 0 first on the air, i.e. little-endian).
 
     Whole bytes carry parity; a partial last byte is sent without a parity bit.
     """
+    if type(sel) is int and type(known) is int and type(nbits) is int:
+        key = ("anticollision", sel, known, nbits)
+        frame = _FRAMES.get(key)
+        if frame is not None:
+            return frame
+        return _keep(key, _anticollision_frame(sel, known, nbits))
+    return _anticollision_frame(sel, known, nbits)
+
+
+def _anticollision_frame(sel: int, known: int, nbits: int) -> BitFrame:
     if not 0 <= nbits < LEVEL_BITS:
         raise FrameError(f"an ANTICOLLISION frame carries 0..39 UID bits, not {nbits}")
     whole, rest = divmod(nbits, 8)
@@ -153,17 +178,29 @@ def anticollision_frame(sel: int, known: int, nbits: int) -> BitFrame:
 
 def select_frame(sel: int, level: bytes) -> BitFrame:
     """The reader's SELECT frame: SEL, 0x70, UID CLn ‖ BCC (5 bytes) and CRC_A."""
+    key = ("select", sel, level)
+    if type(sel) is int and type(level) is bytes:
+        frame = _FRAMES.get(key)
+        if frame is not None:
+            return frame
     if len(level) != 5:
         raise FrameError(f"SELECT carries UID CLn and BCC (5 bytes), not {len(level)}")
-    return encode(with_crc(bytes([sel, NVB_SELECT]) + bytes(level)))
+    frame = encode(with_crc(bytes([sel, NVB_SELECT]) + bytes(level)))
+    return _keep(key, frame) if type(sel) is int and type(level) is bytes else frame
 
 
 def sak_frame(sak: int) -> BitFrame:
     """The card's answer to SELECT: SAK and CRC_A."""
+    if type(sak) is int:
+        frame = _FRAMES.get(("sak", sak))
+        if frame is not None:
+            return frame
+        return _keep(("sak", sak), encode(with_crc(bytes([sak]))))
     return encode(with_crc(bytes([sak])))
 
 
 HLTA_FRAME = encode(with_crc(bytes([HLTA, 0x00])))
+_HLTA_LENGTH, _HLTA_BITS = HLTA_FRAME.length, HLTA_FRAME.bits
 
 
 @lru_cache(maxsize=LEVEL_BITS + 1)
@@ -181,19 +218,52 @@ def _answer_layout(known: int) -> tuple[int, ...]:
 def anticollision_answer(level: bytes, known: int) -> BitFrame:
     """The card's answer when the reader already sent the first ``known`` bits of ``level``
     (UID CLn ‖ BCC): the remaining bits, framed by the split-byte rule of the module doc."""
+    cacheable = type(level) is bytes and type(known) is int
+    if cacheable:
+        # a card answers the same (level, known) at every tap: frames are immutable, so the
+        # one built the first time serves all
+        answer = _ANSWERS.get((level, known))
+        if answer is not None:
+            return answer
     value = int.from_bytes(level, "little")
     bits = 0
     layout = _answer_layout(known)
     for pos, what in enumerate(layout):
         bit = (value >> what) & 1 if what >= 0 else odd_parity(level[-1 - what])
         bits |= bit << pos
-    return BitFrame(bits, len(layout))
+    answer = BitFrame(bits, len(layout))
+    if cacheable:
+        if len(_ANSWERS) >= 1024:
+            _ANSWERS.clear()
+        _ANSWERS[level, known] = answer
+    return answer
+
+
+_ANSWERS: dict[tuple[bytes, int], BitFrame] = {}
 
 
 def _read_answer(frame: BitFrame, known: int, stop: int, level_no: int) -> int:
     """UID CLn/BCC bits of the card's answer up to (not including) air bit ``stop``, as an
     integer in place (bit i = UID CLn/BCC bit i). Checks the parity of every whole byte; the
     split byte's parity bit is ignored, as ISO 14443-3 readers do."""
+    if (
+        known == 0
+        and stop == _FULL_ANSWER_BITS
+        and type(frame) is BitFrame
+        and frame.length == _FULL_ANSWER_BITS
+    ):
+        # the answer to "no bits known yet" without a collision (every tap with one card in
+        # the field): 5 whole bytes with parity. The loop below only to name a bad byte.
+        data, parity = split(frame)
+        par = _PARITY
+        if (
+            par[data[0]] == parity[0]
+            and par[data[1]] == parity[1]
+            and par[data[2]] == parity[2]
+            and par[data[3]] == parity[3]
+            and par[data[4]] == parity[4]
+        ):
+            return int.from_bytes(data, "little")
     layout = _answer_layout(known)
     value = 0
     for pos in range(stop):
@@ -309,7 +379,7 @@ class CardSelector:
         if frame.length == 7:
             return self._request(frame.bits)
         first = frame.bits & 0xFF
-        if frame.length >= 9 and first in SEL_CODES and (frame.bits >> 8) & 1 == odd_parity(first):
+        if frame.length >= 9 and first in SEL_CODES and (frame.bits >> 8) & 1 == _PARITY[first]:
             return self._handle_select(frame, first)
         return self._error()
 
@@ -324,16 +394,21 @@ class CardSelector:
             self.from_halt = self.state is PiccState.HALT
             self.state = PiccState.READY
             self.cascade_level = 1
-            return encode(self.atqa)
+            atqa = self.atqa
+            if type(atqa) is not bytes:
+                return encode(atqa)
+            frame = _FRAMES.get(("atqa", atqa))
+            return frame if frame is not None else _keep(("atqa", atqa), encode(atqa))
         return self._error()  # REQA in HALT: stays HALT; REQA/WUPA in READY: an error
 
     def _handle_active(self, frame: BitFrame) -> BitFrame | None:
-        if frame.length == 7:
+        length = frame.length
+        if length == 7:
             return self._error() if frame.bits in (REQA, WUPA) else None
-        if frame.length == HLTA_FRAME.length and frame.bits == HLTA_FRAME.bits:
+        if length == _HLTA_LENGTH and frame.bits == _HLTA_BITS:
             self.halt()
             return SILENCE
-        if frame.length == _SELECT_BITS:
+        if length == _SELECT_BITS:
             try:
                 payload = strip_crc(decode(frame))
             except CoreError:
@@ -450,7 +525,14 @@ class Field:
 
     def transceive(self, frame: BitFrame) -> BitFrame:
         """Broadcast ``frame`` to all cards and return what the reader hears."""
-        return field_response([card.handle(frame) for card in self.cards])
+        cards = self.cards
+        if len(cards) == 1:
+            # field_response of a single answer, without the list and the superposition
+            answer = cards[0].handle(frame)
+            if type(answer) is BitFrame:
+                return answer if answer.length > 0 else SILENCE
+            return answer if answer else SILENCE
+        return field_response([card.handle(frame) for card in cards])
 
 
 # --- the reader -------------------------------------------------------------------------------

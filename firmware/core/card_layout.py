@@ -29,6 +29,7 @@ identity that verifies, and a cracked card teaches nothing about another card.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import struct
 from dataclasses import dataclass
@@ -37,7 +38,7 @@ from zoneinfo import ZoneInfo
 
 from . import classic_layout as layout
 from .errors import CodecError
-from .keys import PURSE_MAC_KEY_NAME, KeyStore, aes_cmac
+from .keys import PURSE_MAC_KEY_NAME, KeyedCmac, KeyStore
 
 # MAD application identifier this project uses for the fare application on sectors 1..3.
 # (A production deployment registers its own AID with NXP; see docs/card-layout.md.)
@@ -71,8 +72,12 @@ def day_number(ts: int) -> int:
     return (datetime.fromtimestamp(ts, LOCAL_TZ).date() - EPOCH).days
 
 
+@functools.lru_cache(maxsize=4096)
 def day_start(days: int) -> int:
-    """The unix time of local midnight at the start of stored day ``days``."""
+    """The unix time of local midnight at the start of stored day ``days``.
+
+    Cached: a pure function of the day number, asked for the same few dates (a card's
+    issue, expiry and discount dates) at every tap."""
     d = EPOCH + timedelta(days=days)
     return int(datetime(d.year, d.month, d.day, tzinfo=LOCAL_TZ).timestamp())
 
@@ -134,7 +139,7 @@ class CardMacs:
     the derived keys live only as long as this object (one tap).
     """
 
-    __slots__ = ("_keys", "uid")
+    __slots__ = ("_cmacs", "_keys", "uid")
 
     def __init__(self, store: KeyStore, uid: bytes, *, key_name: str = PURSE_MAC_KEY_NAME):
         self.uid = bytes(uid)
@@ -142,12 +147,17 @@ class CardMacs:
             kind: store.diversify(key_name, self.uid, MAC_AID, system)
             for kind, system in MAC_SYSTEM.items()
         }
+        # each key's CMAC state, set up on its first MAC (a tap MACs with the purse key twice)
+        self._cmacs: dict[str, KeyedCmac] = {}
 
     def __repr__(self) -> str:
         return f"CardMacs(uid=…{self.uid[-2:].hex().upper()})"
 
     def mac(self, kind: str, data: bytes, length: int) -> bytes:
-        return aes_cmac(self._keys[kind], self.uid + data)[:length]
+        cmac = self._cmacs.get(kind)
+        if cmac is None:
+            cmac = self._cmacs[kind] = KeyedCmac(self._keys[kind])
+        return cmac(self.uid + data)[:length]
 
     def check(self, kind: str, data: bytes, tag: bytes) -> bool:
         return hmac.compare_digest(self.mac(kind, data, len(tag)), tag)

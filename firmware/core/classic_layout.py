@@ -246,6 +246,9 @@ class ValueBlock(NamedTuple):
     addr: int
 
 
+_new_value_block = tuple.__new__
+
+
 def _as_bytes(data: object, length: int, error: type[CodecError], what: str) -> bytes:
     if not isinstance(data, bytes | bytearray | memoryview):
         raise error(f"{what} must be bytes, not {type(data).__name__}")
@@ -299,10 +302,18 @@ def decode_value_block(block: BytesLike) -> ValueBlock:
     Raises :class:`ValueBlockError` naming the copy that disagrees: a purse that does not
     decode cleanly must never be charged or topped up, only reported.
     """
-    data = _as_bytes(block, BLOCK_SIZE, ValueBlockError, "value block")
+    if type(block) is bytes and len(block) == BLOCK_SIZE:
+        data = block  # what _as_bytes would return, without the call
+    else:
+        data = _as_bytes(block, BLOCK_SIZE, ValueBlockError, "value block")
     v0 = int.from_bytes(data[0:4], "little")
     v1 = int.from_bytes(data[4:8], "little") ^ _MASK32
     v2 = int.from_bytes(data[8:12], "little")
+    addr = data[12]
+    if v0 == v1 == v2 and addr == data[14] == data[13] ^ 0xFF == data[15] ^ 0xFF:
+        # every copy agrees (the block a card and a reader see nearly always): no report;
+        # the ValueBlock built by tuple.__new__, as its own __new__ does, minus a Python frame
+        return _new_value_block(ValueBlock, (v0 - (1 << 32) if v0 & 0x80000000 else v0, addr))
     problems = [
         p
         for p in (
@@ -562,8 +573,18 @@ TRAILER_ACCESS: Mapping[int, TrailerRights] = MappingProxyType(
 _KEY_FLAG = {KeyType.A: AllowedKeys.A, KeyType.B: AllowedKeys.B}
 
 
+_KEY_TYPES = {"A": KeyType.A, "B": KeyType.B}
+
+
 def parse_key_type(key_type: object) -> KeyType:
     """``"A"``/``"B"`` (any case) or a :class:`KeyType` as a :class:`KeyType`."""
+    if type(key_type) is str:
+        # the common case, without an Enum call (the dict only takes exact str keys)
+        found = _KEY_TYPES.get(key_type)
+        if found is not None:
+            return found
+    elif key_type is KeyType.A or key_type is KeyType.B:
+        return key_type
     try:
         return KeyType(key_type)
     except ValueError:

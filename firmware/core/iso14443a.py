@@ -129,10 +129,13 @@ class BitFrame:
 
 
 SILENCE = BitFrame(0, 0)
+_SHORT_FRAMES = tuple(BitFrame(command, 7) for command in range(0x80))
 
 
 def short_frame(command: int) -> BitFrame:
     """A 7-bit short frame (REQA 0x26, WUPA 0x52), no parity."""
+    if type(command) is int and 0 <= command <= 0x7F:
+        return _SHORT_FRAMES[command]  # frames are immutable: one of each serves all
     if not 0 <= command <= 0x7F:
         raise FrameError(f"short frame command 0x{command:02x} does not fit in 7 bits")
     return BitFrame(command, 7)

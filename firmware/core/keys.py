@@ -47,6 +47,7 @@ __all__ = [
     "UID_SIZES",
     "FileKeyStore",
     "KeyStore",
+    "KeyedCmac",
     "MemoryKeyStore",
     "aes_cmac",
     "an10922_aes128",
@@ -99,11 +100,14 @@ def _as_bytes(value: object, what: str, sizes: Iterable[int] | None = None) -> b
     Callers catch :class:`~firmware.core.errors.CoreError`; a ``TypeError`` from deep inside
     the AES library would slip past them and crash a validator on a malformed card read.
     """
-    if not isinstance(value, _BytesLike):
+    if type(value) is bytes:
+        data = value  # immutable already: no copy (the common case, on every tap)
+    elif isinstance(value, _BytesLike):
+        data = bytes(value)
+    else:
         raise CodecError(f"{what} must be bytes, not {type(value).__name__}")
-    data = bytes(value)
     if sizes is not None:
-        allowed = tuple(sizes)
+        allowed = sizes if type(sizes) is tuple else tuple(sizes)
         if len(data) not in allowed:
             expected = " or ".join(str(n) for n in allowed)
             raise CodecError(f"{what} must be {expected} bytes long, got {len(data)}")
@@ -117,14 +121,51 @@ def _xor(a: bytes, b: bytes) -> bytes:
 def aes_cmac(key: bytes, data: bytes) -> bytes:
     """AES-128 CMAC (NIST SP 800-38B, RFC 4493) of ``data``: 16 bytes.
 
-    This is the one CMAC path of the package: AN10922 diversification and the key store's
-    purse MACs both end here, so the RFC 4493 vectors test all of them at once.
+    This and :class:`KeyedCmac`, which it runs, are the one CMAC path of the package:
+    AN10922 diversification, the key store's MACs and the card MACs all end in
+    :class:`KeyedCmac`, so the RFC 4493 vectors test all of them at once.
     """
-    key = _as_bytes(key, "AES-128 key", (AES128_KEY_SIZE,))
-    data = _as_bytes(data, "CMAC input")
-    mac = _cmac.CMAC(algorithms.AES(key))
-    mac.update(data)
-    return mac.finalize()
+    return KeyedCmac(key)(data)
+
+
+class KeyedCmac:
+    """AES-128 CMAC under one key, set up once: ``KeyedCmac(key)(data) == aes_cmac(key, data)``.
+
+    Setting up a CMAC (the AES key schedule and the subkeys) costs several times what MACing
+    a short message does, and a tap MACs with the same few keys again and again (the key
+    store's masters, a card's three MAC keys). This object keeps the keyed state and copies
+    it for every message. It holds key material: it is never shown, pickled or copied, and
+    lives as long as whoever derived the key (a key store, one tap's
+    :class:`~firmware.core.card_layout.CardMacs`).
+    """
+
+    __slots__ = ("_ctx", "_key", "_subkeys")
+
+    def __init__(self, key: bytes, what: str = "AES-128 key") -> None:
+        key = _as_bytes(key, what, (AES128_KEY_SIZE,))
+        self._ctx = _cmac.CMAC(algorithms.AES(key))
+        self._key = key
+        self._subkeys: tuple[bytes, bytes] | None = None
+
+    def __call__(self, data: bytes) -> bytes:
+        """The 16-byte CMAC of ``data``."""
+        if type(data) is not bytes:
+            data = _as_bytes(data, "CMAC input")
+        mac = self._ctx.copy()
+        mac.update(data)
+        return mac.finalize()
+
+    def subkeys(self) -> tuple[bytes, bytes]:
+        """:func:`cmac_subkeys` of the key (computed on first use)."""
+        if self._subkeys is None:
+            self._subkeys = cmac_subkeys(self._key)
+        return self._subkeys
+
+    def __repr__(self) -> str:
+        return "<KeyedCmac>"
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        raise KeyStoreError("a keyed CMAC holds key material: it cannot be pickled or copied")
 
 
 def _dbl(block: bytes) -> bytes:
@@ -163,12 +204,17 @@ def an10922_aes128(master: bytes, m: bytes) -> bytes:
             f"diversification input must be 1 to {MAX_DIVERSIFICATION_INPUT} bytes long, "
             f"got {len(m)}"
         )
+    return _an10922(KeyedCmac(master), m)
+
+
+def _an10922(cmac: KeyedCmac, m: bytes) -> bytes:
+    """:func:`an10922_aes128` with the master as a :class:`KeyedCmac` (``m`` checked)."""
     d = bytes((DIV_CONSTANT_AES128,)) + m
     if len(d) > AES_BLOCK:
-        return aes_cmac(master, d)
+        return cmac(d)
     padded = d + b"\x80" + bytes(2 * AES_BLOCK - len(d) - 1)
-    k1, k2 = cmac_subkeys(master)
-    return aes_cmac(master, padded[:AES_BLOCK] + _xor(padded[AES_BLOCK:], _xor(k1, k2)))
+    k1, k2 = cmac.subkeys()
+    return cmac(padded[:AES_BLOCK] + _xor(padded[AES_BLOCK:], _xor(k1, k2)))
 
 
 def diversify_aes128(master: bytes, uid: bytes, aid: bytes, system_id: bytes) -> bytes:
@@ -177,6 +223,14 @@ def diversify_aes128(master: bytes, uid: bytes, aid: bytes, system_id: bytes) ->
     The UID makes the key the card's own; the AID and the system identifier keep keys of
     different applications and systems apart even when they share a master key.
     """
+    return _diversify(master, uid, aid, system_id, None)
+
+
+def _diversify(
+    master: bytes, uid: bytes, aid: bytes, system_id: bytes, cmac: KeyedCmac | None
+) -> bytes:
+    """:func:`diversify_aes128`, with the master's :class:`KeyedCmac` when the caller keeps
+    one (a key store); the inputs are checked here in the same order either way."""
     uid = _as_bytes(uid, "UID", UID_SIZES)
     aid = _as_bytes(aid, "AID", (AID_SIZE,))
     system_id = _as_bytes(system_id, "system identifier")
@@ -186,7 +240,11 @@ def diversify_aes128(master: bytes, uid: bytes, aid: bytes, system_id: bytes) ->
             f"system identifier of {len(system_id)} bytes is too long: with a {len(uid)}-byte "
             f"UID and a {len(aid)}-byte AID it may have at most {room}"
         )
-    return an10922_aes128(master, uid + aid + system_id)
+    m = uid + aid + system_id
+    if cmac is None:
+        return an10922_aes128(master, m)
+    # an10922_aes128's check of m: 1..31 bytes, which the checks above already guarantee
+    return _an10922(cmac, m)
 
 
 def classic_system_id(sector: int, key_type: str) -> bytes:
@@ -196,13 +254,23 @@ def classic_system_id(sector: int, key_type: str) -> bytes:
     of a sector differ: a reader holding key A (read) of one sector learns neither key B
     (write) nor any other sector's keys.
     """
+    if type(sector) is int and type(key_type) is str:
+        known = _SYSTEM_IDS.get((sector, key_type))
+        if known is not None:
+            return known
     if isinstance(sector, bool) or not isinstance(sector, int):
         raise CodecError(f"sector must be an integer, not {type(sector).__name__}")
     if not 0 <= sector < CLASSIC_SECTORS:
         raise CodecError(f"sector {sector} is out of range 0..{CLASSIC_SECTORS - 1}")
     if key_type not in CLASSIC_KEY_TYPES:
         raise CodecError(f"key type must be 'A' or 'B', got {key_type!r}")
-    return CLASSIC_SYSTEM_TAG + bytes((sector,)) + key_type.encode("ascii")
+    system_id = CLASSIC_SYSTEM_TAG + bytes((sector,)) + key_type.encode("ascii")
+    if type(sector) is int and type(key_type) is str:
+        _SYSTEM_IDS[sector, key_type] = system_id  # at most 40 sectors x 2 keys
+    return system_id
+
+
+_SYSTEM_IDS: dict[tuple[int, str], bytes] = {}
 
 
 def _classic_uid(uid: object) -> bytes:
@@ -336,6 +404,10 @@ class _SoftwareKeyStore(KeyStore):
         self, keys: Mapping[str, KeySpec], current: Mapping[str, int] | None = None
     ) -> None:
         self._keys, self._current = _normalize(keys, current)
+        # (name, version) -> the master's keyed CMAC, made on first use; and by name, the
+        # (master, keyed CMAC) of the current version, what nearly every call asks for
+        self._cmacs: dict[tuple[str, int], KeyedCmac] = {}
+        self._current_cmacs: dict[str, tuple[bytes, KeyedCmac]] = {}
 
     def names(self) -> list[str]:
         return sorted(self._keys)
@@ -356,10 +428,30 @@ class _SoftwareKeyStore(KeyStore):
         *,
         key_version: int | None = None,
     ) -> bytes:
-        return diversify_aes128(self._master(name, key_version), uid, aid, system_id)
+        master, cmac = self._keyed(name, key_version)
+        return _diversify(master, uid, aid, system_id, cmac)
 
     def cmac(self, name: str, data: bytes, *, key_version: int | None = None) -> bytes:
-        return aes_cmac(self._master(name, key_version), data)
+        return self._keyed(name, key_version)[1](data)
+
+    def _keyed(self, name: str, version: int | None) -> tuple[bytes, KeyedCmac]:
+        """The master key ``name``/``version`` and its keyed CMAC (errors as :meth:`_master`)."""
+        if version is None and type(name) is str:
+            current = self._current_cmacs.get(name)
+            if current is not None:
+                return current
+            found = self._current_cmacs[name] = self._keyed(name, self._current_of(name))
+            return found
+        master = self._master(name, version)
+        key = (name, self._current[name] if version is None else version)
+        cmac = self._cmacs.get(key)
+        if cmac is None:
+            cmac = self._cmacs[key] = KeyedCmac(master, "AES-128 master key")
+        return master, cmac
+
+    def _current_of(self, name: str) -> int:
+        self._versions_of(name)  # an unknown name: the same error as _master's
+        return self._current[name]
 
     def _versions_of(self, name: str) -> dict[int, bytes]:
         try:

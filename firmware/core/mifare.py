@@ -28,15 +28,26 @@ from enum import Enum
 from typing import Protocol
 
 from . import classic_layout as layout
-from .anticollision import CardSelector
+from ._framing import (
+    classic_card_frame,
+    classic_reader_ack,
+    classic_reader_command,
+    classic_reader_read,
+    classic_tag_frame,
+)
+from .anticollision import CardSelector, PiccState
 from .classic_layout import KeyType, parse_key_type
 from .crypto1 import (
     Cipher,
     Crypto1,
     decrypt_bits,
     decrypt_frame,
+    decrypt_nested_nonce,
+    decrypt_reader_answer,
     encrypt_bits,
     encrypt_frame,
+    encrypt_nested_nonce,
+    encrypt_reader_answer,
     prng_successor,
 )
 from .errors import (
@@ -49,7 +60,7 @@ from .errors import (
     NoResponseError,
     ProtocolError,
 )
-from .iso14443a import SILENCE, BitFrame, decode, encode, split, strip_crc, with_crc
+from .iso14443a import SILENCE, BitFrame, decode, encode, strip_crc, with_crc
 
 # Command codes (first byte of a MIFARE Classic command frame).
 AUTH_A = 0x60
@@ -83,6 +94,11 @@ def auth_command(key_type: KeyType) -> int:
     return AUTH_A if key_type is KeyType.A else AUTH_B
 
 
+# "A"/"B" in either case as a KeyType without an Enum call per authentication; anything else
+# goes through parse_key_type
+_KEY_TYPES = {"A": KeyType.A, "a": KeyType.A, "B": KeyType.B, "b": KeyType.B}
+
+
 def is_trailer_address(block: int) -> bool:
     """Whether ``block`` is a sector trailer on any Classic card (1K and 4K agree: sectors
     of 4 blocks up to block 127, of 16 blocks from 128). The reader uses it to keep keys out
@@ -106,18 +122,6 @@ def key_to_int(key: bytes | int) -> int:
     if len(key) != 6:
         raise CodecError(f"a MIFARE Classic key has 6 bytes, not {len(key)}")
     return int.from_bytes(key, "big")
-
-
-def _nested_nonce_parity(nt: int, ks: int, next_ks_bit: int) -> list[int]:
-    """Parity bits of an encrypted nonce: byte i's parity is encrypted with the keystream bit
-    that encrypts the first bit of byte i+1 (for the last byte, the next clock's bit)."""
-    nt_bytes = nt.to_bytes(4, "big")
-    ks_bytes = ks.to_bytes(4, "big")
-    out = []
-    for i in range(4):
-        nxt = ks_bytes[i + 1] & 1 if i < 3 else next_ks_bit
-        out.append(((nt_bytes[i].bit_count() + 1) & 1) ^ nxt)
-    return out
 
 
 class ClassicAccess(Protocol):
@@ -198,13 +202,20 @@ class ClassicReader:
     def _command(self, payload: bytes, note: str, secret: bool = False) -> BitFrame:
         """Send a command frame (CRC appended; encrypted when a session is open).
 
-        With ``secret`` the tracer gets no plaintext: sector trailers carry keys.
+        With ``secret`` the tracer gets no plaintext: sector trailers carry keys. (The
+        callers build ``note`` only when a tracer is set.)
         """
+        if not self._tracer:
+            return classic_reader_command(self, payload)  # the same, in C
         data = with_crc(payload)
-        frame = encrypt_frame(self.cipher, data) if self.cipher else encode(data)
-        return self._send(frame, None if secret else data, note)
+        cipher = self.cipher
+        frame = encrypt_frame(cipher, data) if cipher else encode(data)
+        self._tracer(TraceEntry("R>C", frame, None if secret else data, note))
+        return self._transceive(frame)
 
     def _expect_ack(self, answer: BitFrame, what: str) -> None:
+        if classic_reader_ack(self, answer, what):  # a 4-bit ACK, checked in C
+            return
         if not answer:
             self.cipher = None
             raise NoResponseError(f"card did not acknowledge {what}: card removed or torn")
@@ -212,7 +223,8 @@ class ClassicReader:
             self.cipher = None
             raise FrameError(f"expected a 4-bit ACK to {what}, got {answer.length} bits")
         code = decrypt_bits(self.cipher, answer) if self.cipher else answer.bits
-        self._note_answer(answer, bytes([code]), "ACK" if code == ACK else f"NACK {code:X}")
+        if self._tracer:
+            self._note_answer(answer, bytes([code]), "ACK" if code == ACK else f"NACK {code:X}")
         if code != ACK:
             self._raise_nack(code, what)
 
@@ -229,67 +241,67 @@ class ClassicReader:
         Raises :class:`AuthenticationError` when the card does not prove knowledge of the
         key (wrong key, wrong key type, or a card that is not what it claims to be).
         """
-        kt = parse_key_type(key_type.upper() if isinstance(key_type, str) else key_type)
+        kt = _KEY_TYPES.get(key_type) if type(key_type) is str else None
+        if kt is None:
+            kt = parse_key_type(key_type.upper() if isinstance(key_type, str) else key_type)
+        name = "A" if kt is KeyType.A else "B"
         k = key_to_int(key)
         if not 0 <= block <= 0xFF:
             raise CodecError(f"block number {block} out of range 0..255")
         nested = self.cipher is not None
+        tracing = bool(self._tracer)
         answer = self._command(
-            bytes([auth_command(kt), block]),
-            f"AUTH-{kt.value} block {block}" + (" (nested, encrypted)" if nested else ""),
+            bytes((AUTH_A if kt is KeyType.A else AUTH_B, block)),
+            f"AUTH-{name} block {block}" + (" (nested, encrypted)" if nested else "")
+            if tracing
+            else "",
         )
         cipher = self._new_cipher(k)
         if not answer:
             self.cipher = None
-            raise NoResponseError(f"card did not answer AUTH-{kt.value} for block {block}")
+            raise NoResponseError(f"card did not answer AUTH-{name} for block {block}")
         if answer.length == 4:
             code = decrypt_bits(self.cipher, answer) if nested else answer.bits
-            self._raise_nack(code, f"AUTH-{kt.value} for block {block}")
+            self._raise_nack(code, f"AUTH-{name} for block {block}")
         if answer.length != 36:
             self.cipher = None
             raise FrameError(f"card nonce should be 4 bytes, got a {answer.length}-bit frame")
         if nested:
-            enc, parity = split(answer)
-            enc_nt = int.from_bytes(enc, "big")
-            ks = cipher.word(self._cuid ^ enc_nt, True)
-            nt = enc_nt ^ ks
-            if _nested_nonce_parity(nt, ks, cipher.peek()) != parity:
+            nt = decrypt_nested_nonce(cipher, self._cuid, answer)
+            if nt is None:  # decrypted parity bits wrong
                 self.cipher = None
                 raise AuthenticationError(
-                    f"encrypted card nonce has bad parity during nested AUTH-{kt.value} for "
+                    f"encrypted card nonce has bad parity during nested AUTH-{name} for "
                     f"block {block}: the card does not hold this key"
                 )
-            self._note_answer(answer, nt.to_bytes(4, "big"), "{nt} card nonce (encrypted)")
+            if tracing:
+                self._note_answer(answer, nt.to_bytes(4, "big"), "{nt} card nonce (encrypted)")
         else:
             nt = int.from_bytes(decode(answer), "big")
-            self._note_answer(answer, nt.to_bytes(4, "big"), "nt card nonce (plain)")
+            if tracing:
+                self._note_answer(answer, nt.to_bytes(4, "big"), "nt card nonce (plain)")
             cipher.word(self._cuid ^ nt, False)
-        nr = self._nonce() & 0xFFFFFFFF
-        ar = prng_successor(nt, 64)
-        nr_enc, nr_par = cipher.encrypt_bytes(nr.to_bytes(4, "big"), True)
-        ar_enc, ar_par = cipher.encrypt_bytes(ar.to_bytes(4, "big"), False)
-        parity = [(nr_par >> i) & 1 for i in range(4)] + [(ar_par >> i) & 1 for i in range(4)]
+        nr = (self._nonce() & 0xFFFFFFFF).to_bytes(4, "big")
+        ar = prng_successor(nt, 64).to_bytes(4, "big")
+        frame = encrypt_reader_answer(cipher, nr, ar)
         self.cipher = None
-        answer = self._send(
-            encode(nr_enc + ar_enc, parity),
-            nr.to_bytes(4, "big") + ar.to_bytes(4, "big"),
-            "{nr}{ar}: reader nonce and answer suc64(nt)",
-        )
+        answer = self._send(frame, nr + ar, "{nr}{ar}: reader nonce and answer suc64(nt)")
         if not answer:
             raise AuthenticationError(
-                f"card did not accept the reader's answer (AUTH-{kt.value}, block {block}): "
+                f"card did not accept the reader's answer (AUTH-{name}, block {block}): "
                 "wrong key or wrong key type for this sector, or the card left the field"
             )
         if answer.length == 4:
             raise AuthenticationError(
-                f"card answered the reader's challenge with a NACK (AUTH-{kt.value}, block "
+                f"card answered the reader's challenge with a NACK (AUTH-{name}, block "
                 f"{block}): wrong key"
             )
         try:
             at = int.from_bytes(decrypt_frame(cipher, answer), "big")
         except CoreError as exc:
             raise AuthenticationError(f"card's answer {{at}} is garbled: {exc}") from exc
-        self._note_answer(answer, at.to_bytes(4, "big"), "{at}: card answer suc96(nt)")
+        if tracing:
+            self._note_answer(answer, at.to_bytes(4, "big"), "{at}: card answer suc96(nt)")
         if at != prng_successor(nt, 96):
             raise AuthenticationError(
                 "card's answer does not match suc96(nt): the card does not know the key "
@@ -322,10 +334,24 @@ class ClassicReader:
 
     def read(self, block: int) -> bytes:
         """Read one 16-byte block of the authenticated sector."""
+        data = classic_reader_read(self, block)  # the common case in C, or None
+        if data is not None:
+            return data
         self._require_session("READ")
-        answer = self._command(bytes([READ, block]), f"READ block {block}")
-        data = self._encrypted_answer(answer, f"READ block {block}", 16)
-        self._note_answer(answer, data, f"block {block} data")
+        tracing = bool(self._tracer)
+        answer = self._command(bytes((READ, block)), f"READ block {block}" if tracing else "")
+        if type(answer) is BitFrame and answer.length == 162:
+            # the answer expected (16 bytes and CRC_A, with parity): _encrypted_answer's
+            # checks without building its messages
+            try:
+                data = strip_crc(decrypt_frame(self.cipher, answer))
+            except CoreError:
+                self.cipher = None
+                raise
+        else:
+            data = self._encrypted_answer(answer, f"READ block {block}", 16)
+        if tracing:
+            self._note_answer(answer, data, f"block {block} data")
         return data
 
     def write(self, block: int, data: bytes) -> None:
@@ -334,7 +360,7 @@ class ClassicReader:
         if len(data) != 16:
             raise CodecError(f"a block has 16 bytes, not {len(data)}")
         self._expect_ack(
-            self._command(bytes([WRITE, block]), f"WRITE block {block}"), f"WRITE {block}"
+            self._command(bytes((WRITE, block)), f"WRITE block {block}"), f"WRITE {block}"
         )
         trailer = is_trailer_address(block)
         note = "trailer data (keys not shown)" if trailer else "data"
@@ -344,7 +370,7 @@ class ClassicReader:
 
     def _value_op(self, command: int, name: str, block: int, operand: int) -> None:
         self._require_session(name)
-        self._expect_ack(self._command(bytes([command, block]), f"{name} {block}"), name)
+        self._expect_ack(self._command(bytes((command, block)), f"{name} {block}"), name)
         answer = self._command(operand.to_bytes(4, "little", signed=True), f"{name} operand")
         if answer:
             # success is silence; anything else is an (encrypted) NACK
@@ -424,12 +450,31 @@ def _decoded_access_bits(raw: bytes) -> layout.AccessConditions | None:
         return None
 
 
-_block_permits = functools.lru_cache(maxsize=4096)(layout.block_permits)
-# The card's geometry lookups validate their arguments each time; a card in a tight loop
-# asks the same few questions, so it asks them once.
-_sector_of = functools.lru_cache(maxsize=1024)(layout.sector_of)
-_is_trailer = functools.lru_cache(maxsize=1024)(layout.is_trailer)
-_trailer_block = functools.lru_cache(maxsize=1024)(layout.trailer_block)
+@functools.cache
+def _geometry(
+    card_type: layout.CardType,
+) -> tuple[int, tuple[int, ...], tuple[int, ...], tuple[bool, ...]]:
+    """The card's geometry lookups as tables, once per card type: number of blocks, sector
+    of every block, trailer block of every sector, whether every block is a trailer.
+
+    The layout functions validate their arguments on every call; a card in a tight loop
+    asks the same few questions, so they are asked once here and looked up after that.
+    """
+    blocks = range(card_type.blocks)
+    return (
+        card_type.blocks,
+        tuple(layout.sector_of(b, card_type) for b in blocks),
+        tuple(layout.trailer_block(s, card_type) for s in range(card_type.sectors)),
+        tuple(layout.is_trailer(b, card_type) for b in blocks),
+    )
+
+
+# What block_permits says for (access bits as stored, block, operation, key B?, blocks on the
+# card), False for access bits that do not decode. Keyed by bytes, ints, str and bool, whose
+# hashes are cheap (an Enum's __hash__ is Python code); bounded, since a fuzzed card can store
+# any access bits.
+_PERMITS: dict[tuple[bytes, int, str, bool, int], bool] = {}
+_PERMITS_MAX = 8192
 
 
 class ClassicCard:
@@ -459,6 +504,7 @@ class ClassicCard:
                 f"memory of {len(memory)} bytes does not fit a {card_type.name} card"
             )
         self.card_type = card_type
+        self._blocks, self._sector_of, self._trailer_of, self._is_trailer = _geometry(card_type)
         self.memory = memory
         self._new_cipher = cipher_factory
         self._nonces = nonces or TagNonces()
@@ -481,7 +527,7 @@ class ClassicCard:
         return bytes(self.memory[16 * n : 16 * n + 16])
 
     def _trailer(self, sector: int) -> bytes:
-        return self.block(_trailer_block(sector, self.card_type))
+        return self.block(self._trailer_of[sector])
 
     def _conditions(self, sector: int) -> layout.AccessConditions | None:
         """The sector's access conditions, or None when its access bits are corrupt: the
@@ -491,17 +537,31 @@ class ClassicCard:
     def _permits(self, block: int, operation: str) -> bool:
         """Whether the authenticated key may do ``operation`` on ``block`` (the datasheet
         tables, including the rule that a readable key B grants nothing)."""
-        sector = _sector_of(block, self.card_type)
+        sector = self._sector_of[block]
         if sector != self.auth_sector:
             return False
-        conds = self._conditions(sector)
-        if conds is None:
-            return False
-        return _block_permits(conds, block, operation, self.auth_key_type, self.card_type)
+        at = 16 * self._trailer_of[sector] + 6
+        key = (
+            bytes(self.memory[at : at + 3]),
+            block,
+            operation,
+            self.auth_key_type is KeyType.B,
+            self._blocks,  # the card type (an Enum, slow to hash) by its size
+        )
+        allowed = _PERMITS.get(key)
+        if allowed is None:
+            conds = _decoded_access_bits(key[0])
+            allowed = conds is not None and layout.block_permits(
+                conds, block, operation, self.auth_key_type, self.card_type
+            )
+            if len(_PERMITS) >= _PERMITS_MAX:
+                _PERMITS.clear()
+            _PERMITS[key] = allowed
+        return allowed
 
     def _read_trailer(self, block: int) -> bytes:
         """A trailer as a reader sees it: keys and unreadable fields masked out."""
-        sector = _sector_of(block, self.card_type)
+        sector = self._sector_of[block]
         raw = self._trailer(sector)
         conds = self._conditions(sector)
         if conds is None:
@@ -517,7 +577,7 @@ class ClassicCard:
     def _write_trailer(self, block: int, new: bytes) -> None:
         """Write the trailer fields the access bits let this key write; the others keep
         their old bytes, as on the chip."""
-        sector = _sector_of(block, self.card_type)
+        sector = self._sector_of[block]
         raw = bytearray(self._trailer(sector))
         conds = self._conditions(sector)
         if conds is None:
@@ -534,7 +594,7 @@ class ClassicCard:
     def _four_bits(self, code: int) -> BitFrame:
         if self.cipher is not None:
             return encrypt_bits(self.cipher, code, 4)
-        return BitFrame(code, 4)
+        return _PLAIN_4BIT[code]
 
     def _nack(self, code: int) -> BitFrame:
         """A NACK, after which the chip drops its session and falls back to IDLE: the
@@ -561,14 +621,26 @@ class ClassicCard:
 
     def handle(self, frame: BitFrame) -> BitFrame:
         """Consume one reader frame and return the card's answer (``SILENCE`` for none)."""
-        if self.state in (CardState.HALTED, CardState.ABORTED) or not frame:
+        # A frame in an open session: decrypted and answered in C when it is a READ or a
+        # WRITE, else handed to the methods below as the code after this line would
+        answer = classic_card_frame(self, frame)
+        if answer is not None:
+            return answer
+        state = self.state
+        if (
+            state is CardState.HALTED
+            or state is CardState.ABORTED
+            # ``not frame``, without BitFrame.__bool__'s Python call for a BitFrame
+            or (frame.length <= 0 if type(frame) is BitFrame else not frame)
+        ):
             return SILENCE
         try:
-            if self.state is CardState.AUTH_NONCE_SENT:
+            if state is CardState.AUTH_NONCE_SENT:
                 return self._finish_auth(frame)
             if frame.length % 9:
                 return self._abort()
-            data = decode(frame) if self.cipher is None else decrypt_frame(self.cipher, frame)
+            cipher = self.cipher
+            data = decode(frame) if cipher is None else decrypt_frame(cipher, frame)
         except CoreError:
             # a frame the chip cannot read (parity) is ignored and ends an open session
             return self._abort()
@@ -577,9 +649,9 @@ class ClassicCard:
         except CoreError:
             return self._nack(NACK_CRC)
         try:
-            if self.state is CardState.WRITE_PENDING:
+            if state is CardState.WRITE_PENDING:
                 return self._write_data(payload)
-            if self.state is CardState.VALUE_PENDING:
+            if state is CardState.VALUE_PENDING:
                 return self._value_operand(payload)
             return self._command(payload)
         except CoreError:
@@ -588,22 +660,22 @@ class ClassicCard:
 
     def _command(self, payload: bytes) -> BitFrame:
         cmd = payload[0]
-        if cmd == HALT and len(payload) == 2 and payload[1] == 0:
+        size = len(payload)
+        if cmd == HALT and size == 2 and payload[1] == 0:
             self.cipher = None
             self.state = CardState.HALTED
             return SILENCE
-        if cmd in (AUTH_A, AUTH_B) and len(payload) == 2:
+        if cmd in (AUTH_A, AUTH_B) and size == 2:
             return self._start_auth(KeyType.A if cmd == AUTH_A else KeyType.B, payload[1])
-        if self.state is not CardState.AUTHENTICATED or len(payload) != 2:
+        if self.state is not CardState.AUTHENTICATED or size != 2:
             return self._nack(NACK_INVALID_OP)
         block = payload[1]
-        if block >= self.card_type.blocks:
+        if block >= self._blocks:
             return self._nack(NACK_INVALID_OP)
         if cmd == READ:
             if not self._permits(block, "read"):
                 return self._nack(NACK_INVALID_OP)
-            trailer = _is_trailer(block, self.card_type)
-            data = self._read_trailer(block) if trailer else self.block(block)
+            data = self._read_trailer(block) if self._is_trailer[block] else self.block(block)
             return self._answer(with_crc(data))
         if cmd == WRITE:
             if not self._permits(block, "write"):
@@ -611,9 +683,9 @@ class ClassicCard:
             self._pending_block = block
             self.state = CardState.WRITE_PENDING
             return self._ack()
-        if cmd in (INCREMENT, DECREMENT, RESTORE):
-            op = {INCREMENT: "increment", DECREMENT: "decrement", RESTORE: "restore"}[cmd]
-            if _is_trailer(block, self.card_type) or not self._permits(block, op):
+        op = _VALUE_OPS.get(cmd)
+        if op is not None:
+            if self._is_trailer[block] or not self._permits(block, op):
                 return self._nack(NACK_INVALID_OP)
             if not layout.is_value_block(self.block(block)):
                 return self._nack(NACK_INVALID_OP)
@@ -624,7 +696,7 @@ class ClassicCard:
         if cmd == TRANSFER:
             if (
                 self._transfer_buffer is None
-                or _is_trailer(block, self.card_type)
+                or self._is_trailer[block]
                 or not self._permits(block, "transfer")
             ):
                 return self._nack(NACK_INVALID_OP)
@@ -638,7 +710,7 @@ class ClassicCard:
         if len(payload) != 16:
             return self._nack(NACK_INVALID_OP)
         block = self._pending_block
-        if _is_trailer(block, self.card_type):
+        if self._is_trailer[block]:
             self._write_trailer(block, payload)
         else:
             self.memory[16 * block : 16 * block + 16] = payload
@@ -663,18 +735,16 @@ class ClassicCard:
     # -- authentication -------------------------------------------------------------------
 
     def _start_auth(self, key_type: KeyType, block: int) -> BitFrame:
-        if block >= self.card_type.blocks:
+        if block >= self._blocks:
             return self._nack(NACK_INVALID_OP)
-        sector = _sector_of(block, self.card_type)
+        sector = self._sector_of[block]
         trailer = self._trailer(sector)
         key = trailer[0:6] if key_type is KeyType.A else trailer[10:16]
         nested = self.cipher is not None
         nt = self._nonces() & 0xFFFFFFFF
         cipher = self._new_cipher(int.from_bytes(key, "big"))
         if nested:
-            ks = cipher.word(self._cuid ^ nt, False)
-            parity = _nested_nonce_parity(nt, ks, cipher.peek())
-            answer = encode((nt ^ ks).to_bytes(4, "big"), parity)
+            answer = encrypt_nested_nonce(cipher, self._cuid, nt)
         else:
             cipher.word(self._cuid ^ nt, False)
             answer = encode(nt.to_bytes(4, "big"))
@@ -689,23 +759,21 @@ class ClassicCard:
     def _finish_auth(self, frame: BitFrame) -> BitFrame:
         cipher = self.cipher
         try:
-            data, parity = split(frame)
-        except FrameError:
+            # {nr} decrypted into the register, {ar} after it; not 8 bytes, or a decrypted
+            # parity bit wrong: the reader does not hold the key
+            plain = decrypt_reader_answer(cipher, frame)
+        except CoreError:
             return self._abort()
-        if len(data) != 8:
-            return self._abort()
-        nr_and_ar, ks_parity = cipher.decrypt_bytes(data[:4], True)
-        ar_plain, ks_parity2 = cipher.decrypt_bytes(data[4:], False)
-        plain = nr_and_ar + ar_plain
-        ks_par = ks_parity | (ks_parity2 << 4)
-        for i, b in enumerate(plain):
-            if parity[i] ^ ((ks_par >> i) & 1) != (b.bit_count() + 1) & 1:
-                return self._abort()
-        if int.from_bytes(ar_plain, "big") != prng_successor(self._nt, 64):
+        if int.from_bytes(plain[4:], "big") != prng_successor(self._nt, 64):
             return self._abort()
         at = prng_successor(self._nt, 96)
         self.state = CardState.AUTHENTICATED
         return encrypt_frame(cipher, at.to_bytes(4, "big"))
+
+
+_VALUE_OPS = {INCREMENT: "increment", DECREMENT: "decrement", RESTORE: "restore"}
+# The 4-bit ACK/NACK frames outside a session (frames are immutable: one of each serves all)
+_PLAIN_4BIT = tuple(BitFrame(code, 4) for code in range(16))
 
 
 class ClassicTag:
@@ -748,16 +816,27 @@ class ClassicTag:
 
     def handle(self, frame: BitFrame) -> BitFrame:
         """Consume one reader frame; return the answer (``SILENCE`` for none)."""
-        answer = self.selector.handle(frame)
+        # a frame in an open session, answered in C (see ClassicCard.handle), or None
+        answer = classic_tag_frame(self, frame)
         if answer is not None:
-            if self.card.state is not CardState.ACTIVE or not self.selector.selected:
-                self.card.reset()
             return answer
-        answer = self.card.handle(frame)
-        if self.card.state is CardState.HALTED:
-            self.selector.halt()
-            self.card.reset()
-        elif self.card.state is CardState.ABORTED:
-            self.selector.abort()
-            self.card.reset()
+        selector = self.selector
+        card = self.card
+        if selector.state is PiccState.ACTIVE and type(frame) is BitFrame:
+            # what selector.handle does for a frame in ACTIVE, one call shorter
+            answer = selector._handle_active(frame)
+        else:
+            answer = selector.handle(frame)
+        if answer is not None:
+            if card.state is not CardState.ACTIVE or selector.state is not PiccState.ACTIVE:
+                card.reset()  # (``not selector.selected``)
+            return answer
+        answer = card.handle(frame)
+        state = card.state
+        if state is CardState.HALTED:
+            selector.halt()
+            card.reset()
+        elif state is CardState.ABORTED:
+            selector.abort()
+            card.reset()
         return answer

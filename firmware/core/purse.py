@@ -250,7 +250,7 @@ class Purse:
         p, b = snap.purse, snap.backup
         if p == b == rec.balance:
             state = PurseState.GHOST_TRIP if pending else PurseState.CONSISTENT
-            return replace(snap, state=state, pending=None)
+            return _restated(snap, state, None)
         if p == rec.balance and p != b:
             # torn after step 3: the record already says P; only the backup lags
             return replace(snap, state=PurseState.ROLL_FORWARD_BACKUP)
@@ -297,7 +297,10 @@ class Purse:
         the fare engine's new day spend (None keeps the old one: top-ups, repairs)."""
         if snap.state not in (PurseState.CONSISTENT, PurseState.GHOST_TRIP):
             raise CardNeedsService("repair the card before changing it")
-        trip = replace(trip, counter=snap.record.counter + 1)
+        trip = type(trip)(  # replace(trip, counter=...), without replace's field walk
+            snap.record.counter + 1, trip.time, trip.line_id, trip.validator_id, trip.fare,
+            trip.transfer_step, trip.flags,
+        )
         delta = purse_delta(trip)
         if snap.purse + delta < 0:
             raise CodecError("a purse change may never make the balance negative")
@@ -324,9 +327,9 @@ class Purse:
             self.access.transfer(cl.BLOCK_BACKUP)
         trips = list(snap.trips)
         trips[slot] = trip
-        return replace(
-            snap, purse=new.balance, backup=new.balance, record=new, trips=tuple(trips),
-            state=PurseState.CONSISTENT, pending=None,
+        return type(snap)(
+            snap.uid, snap.identity, snap.pass_block, new.balance, new.balance, new,
+            tuple(trips), snap.status, PurseState.CONSISTENT, None,
         )
 
     def record_action(self, snap: CardSnapshot, card_seq: int) -> CardSnapshot:
@@ -392,6 +395,16 @@ class Purse:
         sector(3, {12: bytes(16), 13: bytes(16),
                    14: layout.encode_value_block(cl.STATUS_ACTIVE, 14)})
         self._sector = None
+
+
+def _restated(
+    snap: CardSnapshot, state: PurseState, pending: TripRecord | None
+) -> CardSnapshot:
+    """``replace(snap, state=state, pending=pending)`` without replace's field walk."""
+    return type(snap)(
+        snap.uid, snap.identity, snap.pass_block, snap.purse, snap.backup, snap.record,
+        snap.trips, snap.status, state, pending,
+    )
 
 
 def pass_for(product_id: int, loaded_at: int, days: int = 30) -> PassBlock:

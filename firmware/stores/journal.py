@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import operator
 import re
 import sqlite3
 import struct
@@ -24,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ._sql import Conn, check_int, check_u64, from_sql_u64, to_sql_u64
+from ._sql import U63, U64, Conn, check_int, check_u64, from_sql_u64, to_sql_u64
 from .errors import (
     ActionAlreadyApplied,
     InvalidRecord,
@@ -110,6 +111,7 @@ CALLER_FIELDS = tuple(
     for f in fields(JournalRecord)
     if f.name not in {"seq", "phase", "link", "device_id", "mac"}
 )
+_CALLER_SET = frozenset(CALLER_FIELDS)
 
 # The canonical encoding's field order and types: "s" text, "i" i64, "u" u64, "b" bytes.
 _CANONICAL_FIELDS: tuple[tuple[str, str], ...] = (
@@ -137,6 +139,55 @@ _CANONICAL_FIELDS: tuple[tuple[str, str], ...] = (
 _I64 = struct.Struct(">q").pack
 _U64 = struct.Struct(">Q").pack
 _U16 = struct.Struct(">H").pack
+# the same encodings with the 0x01 "present" byte in front, in one call
+_PRESENT_I64 = struct.Struct(">Bq").pack
+_PRESENT_U64 = struct.Struct(">BQ").pack
+_PRESENT_LEN = struct.Struct(">BH").pack
+_ABSENT = b"\x00"
+_HEAD = CANONICAL_MAGIC + bytes((CANONICAL_FORMAT,))
+
+#: The caller's fields of a record in canonical order (device_id, seq, phase and link, which
+#: the journal sets, go in between; see :func:`_canonical`), in one C call.
+_RECORD_FIELDS = operator.attrgetter(
+    "kind",
+    "time",
+    "card_number",
+    "uid",
+    "counter_before",
+    "counter_after",
+    "balance_before",
+    "balance_after",
+    "fare",
+    "product",
+    "line",
+    "vehicle",
+    "validator_id",
+    "outcome",
+    "reason",
+    "action_id",
+)
+
+# Encoded text fields by value: a device writes the same few strings (its id, phases, kinds,
+# line, vehicle, outcomes) into every record. Bounded, since text fields can be anything.
+_TEXT_CACHE: dict[str, bytes] = {}
+_TEXT_CACHE_MAX = 256
+
+
+def _text(value: object) -> bytes:
+    """A text field of the canonical encoding (absent, or UTF-8 behind its length)."""
+    if value is None:
+        return _ABSENT
+    if type(value) is str:
+        encoded = _TEXT_CACHE.get(value)
+        if encoded is not None:
+            return encoded
+    data = value.encode("utf-8")  # type: ignore[attr-defined]
+    encoded = _PRESENT_LEN(1, len(data)) + data
+    if type(value) is str:
+        if len(_TEXT_CACHE) >= _TEXT_CACHE_MAX:
+            _TEXT_CACHE.clear()
+        _TEXT_CACHE[value] = encoded
+    return encoded
 
 
 def canonical_bytes(record: JournalRecord) -> bytes:
@@ -155,24 +206,38 @@ def _canonical(
     device_id: str, seq: int, phase: str, link: int | None, record: JournalRecord
 ) -> bytes:
     """:func:`canonical_bytes` with the journal-assigned fields given apart from the record,
-    so writing a record needs no copy of it."""
-    parts = [CANONICAL_MAGIC, bytes((CANONICAL_FORMAT,))]
-    append = parts.append
-    assigned = {"device_id": device_id, "seq": seq, "phase": phase, "link": link}
-    for name, kind in _CANONICAL_FIELDS:
-        value = assigned[name] if name in assigned else getattr(record, name)
-        if value is None:
-            append(b"\x00")
-        elif kind == "i":
-            append(b"\x01" + _I64(value))
-        elif kind == "u":
-            append(b"\x01" + _U64(value))
-        elif kind == "s":
-            data = value.encode("utf-8")
-            append(b"\x01" + _U16(len(data)) + data)
-        else:
-            append(b"\x01" + _U16(len(value)) + value)
-    return b"".join(parts)
+    so writing a record needs no copy of it.
+
+    The fields of :data:`_CANONICAL_FIELDS`, written out in that order (``tests/test_stores.py``
+    checks this against a loop over the table).
+    """
+    (kind, time, card, uid, c_before, c_after, b_before, b_after, fare, product, line,
+     vehicle, validator_id, outcome, reason, action_id) = _RECORD_FIELDS(record)
+    a = _ABSENT
+    i64 = _PRESENT_I64
+    return b"".join((
+        _HEAD,
+        _text(device_id),
+        a if seq is None else i64(1, seq),
+        _text(phase),
+        _text(kind),
+        a if link is None else i64(1, link),
+        a if time is None else i64(1, time),
+        a if card is None else _PRESENT_U64(1, card),
+        a if uid is None else _PRESENT_LEN(1, len(uid)) + uid,
+        a if c_before is None else i64(1, c_before),
+        a if c_after is None else i64(1, c_after),
+        a if b_before is None else i64(1, b_before),
+        a if b_after is None else i64(1, b_after),
+        a if fare is None else i64(1, fare),
+        a if product is None else i64(1, product),
+        _text(line),
+        _text(vehicle),
+        _text(validator_id),
+        _text(outcome),
+        a if reason is None else i64(1, reason),
+        _text(action_id),
+    ))
 
 
 _INT_FIELDS = (
@@ -203,31 +268,56 @@ def check_text(value: object, what: str) -> str:
 
 
 def _validate(record: JournalRecord) -> None:
-    """Refuse a record whose fields would not store or encode: checked before any write."""
-    _check_token(record.kind, "kind")
-    check_int(record.time, "time")
-    if record.card_number is not None:
-        check_u64(record.card_number, "card_number")
-    if record.uid is not None and (
-        not isinstance(record.uid, bytes) or len(record.uid) not in _UID_SIZES
-    ):
+    """Refuse a record whose fields would not store or encode: checked before any write.
+
+    The checks of ``check_int``/``check_u64``/``check_text``/``_check_token`` in the order of
+    the fields; a value that passes the inline test needs no call, one that fails gets the
+    call, which raises the message.
+    """
+    (kind, time, card, uid, c_before, c_after, b_before, b_after, fare, product, line,
+     vehicle, validator_id, outcome, reason, action_id) = _RECORD_FIELDS(record)
+    if type(kind) is not str or kind not in _GOOD_TOKENS:
+        _remember_token(_check_token(kind, "kind"))
+    if type(time) is not int or not -U63 <= time < U63:
+        check_int(time, "time")
+    if card is not None and (type(card) is not int or not 0 <= card < U64):
+        check_u64(card, "card_number")
+    if uid is not None and (not isinstance(uid, bytes) or len(uid) not in _UID_SIZES):
         raise InvalidRecord("uid must be 4, 7 or 10 bytes")
-    for name in _INT_FIELDS:
-        value = getattr(record, name)
-        if value is not None:
+    for name, value in zip(
+        _INT_FIELDS, (c_before, c_after, b_before, b_after, fare, product, reason), strict=True
+    ):
+        if value is not None and (type(value) is not int or not -U63 <= value < U63):
             check_int(value, name)
-    for name in _TEXT_FIELDS:
-        value = getattr(record, name)
-        if value is not None:
+    for name, value in zip(_TEXT_FIELDS, (line, vehicle, validator_id, action_id), strict=True):
+        if value is not None and not (
+            type(value) is str and 0 < len(value) <= _TEXT_MAX and value.isprintable()
+        ):
             check_text(value, name)
-    if record.outcome is not None:
-        _check_token(record.outcome, "outcome")
+    if outcome is not None and (type(outcome) is not str or outcome not in _GOOD_TOKENS):
+        _remember_token(_check_token(outcome, "outcome"))
+
+
+# Tokens (kinds, outcomes) a device writes again and again: each passes the regular
+# expression once. Exact str only; bounded, since a caller can pass any text.
+_GOOD_TOKENS: set[str] = set()
+
+
+def _remember_token(value: str) -> None:
+    if len(_GOOD_TOKENS) >= 64:
+        _GOOD_TOKENS.clear()
+    _GOOD_TOKENS.add(value)
 
 
 def _as_record(record: JournalRecord | Mapping[str, Any]) -> JournalRecord:
     """The caller's record as a JournalRecord; fields the journal sets are ignored later."""
     if isinstance(record, JournalRecord):
         return record
+    if type(record) is dict and _CALLER_SET.issuperset(record):
+        try:
+            return JournalRecord(**record)
+        except TypeError as exc:  # a required field is missing
+            raise InvalidRecord(f"incomplete journal record: {exc}") from None
     if isinstance(record, Mapping):
         unknown = set(record) - set(CALLER_FIELDS)
         if unknown:
@@ -264,6 +354,30 @@ _COLUMNS = (
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM journal"
 _INSERT = f"INSERT INTO journal ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+# _INSERT with NULL literals where a value is None, by which columns those are
+_INSERTS: dict[tuple[bool, ...], str] = {}
+_NONE_ROW = (None,) * len(_COLUMNS)
+
+
+def _insert_statement(values: tuple[Any, ...]) -> tuple[str, list[Any]]:
+    """:data:`_INSERT` and its parameters for one row of :data:`_COLUMNS`, NULL written into
+    the statement instead of binding None.
+
+    For a None parameter (and a ``bytes`` one: the caller passes those as ``bytearray``,
+    stored alike as a BLOB) sqlite3 looks for an adapter first, and the failing attribute
+    lookups of that search cost more than the rest of the binding together. A record has a
+    handful of None patterns, so the statements (and SQLite's prepared copies) are few.
+    """
+    absent = tuple(map(operator.is_, values, _NONE_ROW))
+    sql = _INSERTS.get(absent)
+    if sql is None:
+        placeholders = ", ".join("NULL" if none else "?" for none in absent)
+        sql = f"INSERT INTO journal ({', '.join(_COLUMNS)}) VALUES ({placeholders})"
+        if len(_INSERTS) < 256:
+            _INSERTS[absent] = sql
+    return sql, [value for value in values if value is not None]
+
+
 _NEXT_SEQ = (
     "SELECT max(coalesce((SELECT max(seq) FROM journal), 0), "
     "(SELECT value FROM meta WHERE key = 'journal_floor')) + 1"
@@ -275,6 +389,8 @@ _COUNTER_UPSERT = (
 )
 
 MacFunction = Callable[[bytes], bytes]
+
+_INTENT_CACHE_MAX = 64
 
 
 class Journal:
@@ -288,6 +404,11 @@ class Journal:
         self._conn = conn
         self._device_id = device_id
         self._mac = mac
+        # seq -> (kind, time, card_number, uid, action_id) of the intents this handle wrote,
+        # until their done: what done() copies from the intent, without reading the row back
+        # (records are never updated). done() still deletes the open_intent row first, so
+        # whether the intent is open is always the database's answer.
+        self._intents: dict[int, tuple[Any, ...]] = {}
 
     # -- writing ------------------------------------------------------------------------
 
@@ -311,6 +432,18 @@ class Journal:
             # Only what was read from the card counts as seen: the intended counter_after
             # may never reach the card.
             self._note_counter(raw, rec.card_number, rec.counter_before, None, seq)
+        # committed: remember what done() takes over (a few at most: each done removes one)
+        intents = self._intents
+        if len(intents) >= _INTENT_CACHE_MAX:
+            intents.clear()
+        uid = rec.uid
+        intents[seq] = (
+            rec.kind,
+            rec.time,
+            rec.card_number,
+            uid if uid is None or type(uid) is bytes else bytes(uid),
+            rec.action_id,
+        )
         return seq
 
     def done(
@@ -344,14 +477,19 @@ class Journal:
             _add_tallies(raw, tallies)
             if raw.execute("DELETE FROM open_intent WHERE seq = ?", (seq,)).rowcount != 1:
                 raise NotFound(f"journal record {seq} is not an open intent")
-            kind, time, card, uid, action_id = raw.execute(
-                "SELECT kind, time, card_number, uid, action_id FROM journal WHERE seq = ?",
-                (seq,),
-            ).fetchone()
+            known = self._intents.get(seq)
+            if known is not None:
+                kind, time, card_number, uid, action_id = known
+            else:  # written by another handle, or before a restart
+                kind, time, card, uid, action_id = raw.execute(
+                    "SELECT kind, time, card_number, uid, action_id FROM journal WHERE seq = ?",
+                    (seq,),
+                ).fetchone()
+                card_number = None if card is None else from_sql_u64(card)
             base = {
                 "kind": kind,
                 "time": time,
-                "card_number": None if card is None else from_sql_u64(card),
+                "card_number": card_number,
                 "uid": uid,
                 "action_id": action_id,
             }
@@ -367,6 +505,7 @@ class Journal:
                 if rec.action_id is None:
                     raise InvalidRecord(f"done({seq}, apply_action=True): the record has no action")
                 mark_action_applied(raw, rec.action_id, done_seq)
+        self._intents.pop(seq, None)
         return done_seq
 
     def event(self, record: JournalRecord | Mapping[str, Any]) -> int:
@@ -386,16 +525,16 @@ class Journal:
             raise StoreError("the journal cannot be written: the database was opened without a key")
         seq = raw.execute(_NEXT_SEQ).fetchone()[0]
         mac = bytes(self._mac(_canonical(self._device_id, seq, phase, link, rec)))
+        uid = rec.uid
         raw.execute(
-            _INSERT,
-            (
+            *_insert_statement((
                 seq,
                 phase,
                 rec.kind,
                 link,
                 rec.time,
                 None if rec.card_number is None else to_sql_u64(rec.card_number),
-                rec.uid,
+                bytearray(uid) if type(uid) is bytes else uid,  # (see _insert_statement)
                 rec.counter_before,
                 rec.counter_after,
                 rec.balance_before,
@@ -408,8 +547,8 @@ class Journal:
                 rec.outcome,
                 rec.reason,
                 rec.action_id,
-                mac,
-            ),
+                bytearray(mac),
+            ))
         )
         return seq
 
