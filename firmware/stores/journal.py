@@ -148,24 +148,7 @@ _HEAD = CANONICAL_MAGIC + bytes((CANONICAL_FORMAT,))
 
 #: The caller's fields of a record in canonical order (device_id, seq, phase and link, which
 #: the journal sets, go in between; see :func:`_canonical`), in one C call.
-_RECORD_FIELDS = operator.attrgetter(
-    "kind",
-    "time",
-    "card_number",
-    "uid",
-    "counter_before",
-    "counter_after",
-    "balance_before",
-    "balance_after",
-    "fare",
-    "product",
-    "line",
-    "vehicle",
-    "validator_id",
-    "outcome",
-    "reason",
-    "action_id",
-)
+_RECORD_FIELDS = operator.attrgetter(*CALLER_FIELDS)
 
 # Encoded text fields by value: a device writes the same few strings (its id, phases, kinds,
 # line, vehicle, outcomes) into every record. Bounded, since text fields can be anything.
