@@ -16,6 +16,7 @@ receivers log and drop on that one type.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import io
@@ -53,6 +54,7 @@ __all__ = [
     "MAX_JSON_BYTES",
     "MAX_TXN_BYTES",
     "PROTOCOL_VERSION",
+    "RECORD_FIELDS",
     "Ack",
     "Batch",
     "Bundle",
@@ -69,6 +71,7 @@ __all__ = [
     "ed25519_json_signer",
     "encode_ack",
     "encode_batch",
+    "encode_batch_columns",
     "encode_bundle",
     "encode_command",
     "encode_json_message",
@@ -78,6 +81,7 @@ __all__ = [
     "parse_cfg_topic",
     "parse_dev_topic",
     "peek_batch_range",
+    "record_columns",
     "sign_message",
     "verify_json_signature",
     "wire_bytes_per_txn",
@@ -378,20 +382,107 @@ def _load_body(data: bytes, limit: int, what: str, *, check_plain: bool = True) 
 # Transaction batches
 
 
-@dataclass(frozen=True)
+#: The fields of a journal record that travel, in :class:`JournalRecord` order: all but the
+#: device-local ``mac`` and the ``device_id`` (the batch's). A :class:`Batch` holds one
+#: column per field.
+RECORD_FIELDS = tuple(
+    f.name for f in dataclasses.fields(JournalRecord) if f.name not in ("device_id", "mac")
+)
+
+
 class Batch:
-    """A verified batch: records oldest first, ``device_id`` set, ``mac`` empty."""
+    """A verified batch: records oldest first, ``device_id`` set, ``mac`` empty.
+
+    A decoded batch keeps its records as columns (one list per name of
+    :data:`RECORD_FIELDS`, record order): the center stores rows straight from the columns,
+    and building one frozen :class:`JournalRecord` per record would cost it more CPU than
+    decoding and verifying the batch. :attr:`records` builds them on first use; a batch made
+    from records (tests) gives its columns from them. Immutable, like the records.
+    """
+
+    __slots__ = ("_columns", "_records", "device_id", "first", "last", "ts")
 
     device_id: str
     first: int
     last: int
     ts: int
-    records: tuple[JournalRecord, ...]
+    _records: tuple[JournalRecord, ...] | None
+    _columns: Mapping[str, Sequence[Any]] | None
+
+    def __init__(
+        self,
+        device_id: str,
+        first: int,
+        last: int,
+        ts: int,
+        records: Sequence[JournalRecord] | None = None,
+        *,
+        columns: Mapping[str, Sequence[Any]] | None = None,
+    ) -> None:
+        if (records is None) == (columns is None):
+            raise TypeError("a Batch is made from records or from columns (one of the two)")
+        if columns is not None and set(columns) != set(RECORD_FIELDS):
+            raise TypeError(f"a Batch's columns are exactly {', '.join(RECORD_FIELDS)}")
+        init = object.__setattr__
+        init(self, "device_id", device_id)
+        init(self, "first", first)
+        init(self, "last", last)
+        init(self, "ts", ts)
+        init(self, "_records", None if records is None else tuple(records))
+        init(self, "_columns", columns)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"Batch is immutable (cannot set {name!r})")
+
+    @property
+    def count(self) -> int:
+        """How many records the batch holds."""
+        if self._records is not None:
+            return len(self._records)
+        assert self._columns is not None
+        return len(self._columns["seq"])
+
+    @property
+    def records(self) -> tuple[JournalRecord, ...]:
+        """The records as :class:`JournalRecord` objects (built once, on first use)."""
+        if self._records is None:
+            assert self._columns is not None
+            dev = self.device_id
+            records = tuple(
+                JournalRecord(*values, device_id=dev)
+                for values in zip(*(self._columns[name] for name in RECORD_FIELDS), strict=True)
+            )
+            object.__setattr__(self, "_records", records)
+            return records
+        return self._records
+
+    def column(self, name: str) -> Sequence[Any]:
+        """Field ``name`` (one of :data:`RECORD_FIELDS`) of every record, oldest first."""
+        if name not in RECORD_FIELDS:
+            raise KeyError(f"no record column {name!r}")
+        if self._columns is not None:
+            return self._columns[name]
+        assert self._records is not None
+        return [getattr(rec, name) for rec in self._records]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Batch):
+            return NotImplemented
+        return (self.device_id, self.first, self.last, self.ts, self.records) == (
+            other.device_id, other.first, other.last, other.ts, other.records
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (f"Batch(device_id={self.device_id!r}, first={self.first}, last={self.last}, "
+                f"ts={self.ts}, count={self.count})")
 
 
 # Fields a done record usually copies from its intent (journal.done's defaults and the
 # planned counter/balance): coded as one bit each in the record's "eq" mask.
 _REF_FIELDS = ("kind", "time", "card_number", "uid", "action_id", "counter_after", "balance_after")
+_FLAG = {name: 1 << bit for bit, name in enumerate(_REF_FIELDS)}
 # Text fields coded as indexes into the body's string table ("S"); 0 is None.
 _DICT_COLS = (
     ("phase", "ph"),
@@ -421,22 +512,27 @@ _OPT_INT_FIELDS = (
     "reason",
 )
 _OPT_TEXT_FIELDS = ("line", "vehicle", "validator_id", "action_id")
+_PHASES = (PHASE_INTENT, PHASE_DONE, PHASE_EVENT)
+_NoneType = type(None)
+_ONLY_INT = frozenset((int,))
 
 
 def _check_record(rec: JournalRecord) -> None:
-    """The journal's own validity rules (firmware/stores/journal.py), as ProtocolError."""
+    """The journal's own validity rules (firmware/stores/journal.py), one record at a time,
+    as ProtocolError naming the record and the field. Text must be plain ``str``: the batch
+    encoder relies on exact types (equality, the string table)."""
 
     def bad(msg: str) -> ProtocolError:
         return ProtocolError(f"record seq {rec.seq!r:.24}: {msg}")
 
     if type(rec.seq) is not int or not 1 <= rec.seq <= _I64_MAX:
         raise bad("seq must be a positive 64-bit integer")
-    if rec.phase not in (PHASE_INTENT, PHASE_DONE, PHASE_EVENT):
+    if type(rec.phase) is not str or rec.phase not in _PHASES:
         raise bad(f"unknown phase {rec.phase!r:.40}")
     for name in ("kind", "outcome"):
         value = getattr(rec, name)
         if (value is not None or name == "kind") and (
-            not isinstance(value, str) or not _TOKEN_RE.fullmatch(value)
+            type(value) is not str or not _TOKEN_RE.fullmatch(value)
         ):
             raise bad(f"{name} must be a token of 1 to 32 characters a-z 0-9 -")
     for name in ("time", "link", *_OPT_INT_FIELDS):
@@ -454,63 +550,218 @@ def _check_record(rec: JournalRecord) -> None:
     for name in _OPT_TEXT_FIELDS:
         value = getattr(rec, name)
         if value is not None and (
-            not isinstance(value, str) or not 0 < len(value) <= _TEXT_MAX or not value.isprintable()
+            type(value) is not str or not 0 < len(value) <= _TEXT_MAX or not value.isprintable()
         ):
             raise bad(f"{name} must be printable text of 1 to {_TEXT_MAX} characters")
 
 
-def _encode_records(records: Sequence[JournalRecord]) -> dict[str, Any]:
-    """The columnar body (see docs/protocol.md, "Batch body")."""
-    strings: dict[str, int] = {}
-
-    def sidx(value: str | None) -> int:
-        if value is None:
-            return 0
-        if value not in strings:
-            strings[value] = len(strings) + 1
-        return strings[value]
-
-    unit = 1000 if all(r.time % 1000 == 0 for r in records) else 1
-    cols: dict[str, list[Any]] = {c: [] for c in ("sq", "lk", "eq", "t", "ca", "ba")}
-    for _, c in _DICT_COLS + _PLAIN_COLS:
-        cols[c] = []
-    by_seq: dict[int, JournalRecord] = {}
-    prev_seq = 0
-    prev_time = 0
+def _check_records_one_by_one(device_id: str, records: Sequence[JournalRecord]) -> None:
+    """Find and report the first bad record (the column checks only say *that* one is)."""
+    prev = 0
     for rec in records:
-        cols["sq"].append(rec.seq - prev_seq)
-        prev_seq = rec.seq
-        cols["lk"].append(None if rec.link is None else rec.seq - rec.link)
-        base = by_seq.get(rec.link) if rec.link is not None else None
-        mask = 0
-        if base is not None:
-            for bit, name in enumerate(_REF_FIELDS):
-                if getattr(rec, name) == getattr(base, name):
-                    mask |= 1 << bit
-        cols["eq"].append(mask)
-        same = {name for bit, name in enumerate(_REF_FIELDS) if mask >> bit & 1}
-        for name, c in _DICT_COLS:
-            if name not in same:
-                cols[c].append(sidx(getattr(rec, name)))
-        if "time" not in same:
-            cols["t"].append((rec.time - prev_time) // unit)
-        prev_time = rec.time
-        for name, c in _PLAIN_COLS:
-            if name not in same:
-                cols[c].append(getattr(rec, name))
-        if "counter_after" not in same:
-            ca = rec.counter_after
-            if ca is not None and rec.counter_before is not None:
-                ca -= rec.counter_before
-            cols["ca"].append(ca)
-        if "balance_after" not in same:
-            ba = rec.balance_after
-            if ba is not None and rec.balance_before is not None:
-                ba = ba - rec.balance_before + (rec.fare or 0)
-            cols["ba"].append(ba)
-        by_seq[rec.seq] = rec
-    body: dict[str, Any] = {"n": len(records), "tu": unit, "S": list(strings)}
-    body.update(cols)
+        _check_record(rec)
+        if type(rec.device_id) is not str or rec.device_id not in ("", device_id):
+            raise ProtocolError(f"record seq {rec.seq} belongs to device {rec.device_id!r:.80}")
+        if rec.seq <= prev:
+            raise ProtocolError(f"batch records out of order at seq {rec.seq}")
+        prev = rec.seq
+
+
+def record_columns(records: Sequence[JournalRecord]) -> dict[str, list[Any]]:
+    """The columns :func:`encode_batch_columns` takes, from record objects: one list per
+    field of :data:`RECORD_FIELDS` plus ``device_id``, in record order. (One comprehension
+    per field: about half the cost of one attrgetter call per record.)"""
+    return {
+        "seq": [r.seq for r in records],
+        "phase": [r.phase for r in records],
+        "kind": [r.kind for r in records],
+        "outcome": [r.outcome for r in records],
+        "time": [r.time for r in records],
+        "link": [r.link for r in records],
+        "card_number": [r.card_number for r in records],
+        "uid": [r.uid for r in records],
+        "counter_before": [r.counter_before for r in records],
+        "counter_after": [r.counter_after for r in records],
+        "balance_before": [r.balance_before for r in records],
+        "balance_after": [r.balance_after for r in records],
+        "fare": [r.fare for r in records],
+        "product": [r.product for r in records],
+        "reason": [r.reason for r in records],
+        "line": [r.line for r in records],
+        "vehicle": [r.vehicle for r in records],
+        "validator_id": [r.validator_id for r in records],
+        "action_id": [r.action_id for r in records],
+        "device_id": [r.device_id for r in records],
+    }
+
+
+def _ints_ok(values: list[Any], lo: int, hi: int, *, nullable: bool) -> bool:
+    """Every value is an ``int`` (not a bool) in ``lo..hi``, or None if ``nullable``."""
+    types = set(map(type, values))
+    if nullable and _NoneType in types:
+        types.discard(_NoneType)
+        values = list(filter(None, values))  # drops the Nones (and zeros: in every range here)
+        assert lo <= 0 <= hi, "nullable integer columns here all admit 0"
+    if not types <= _ONLY_INT:
+        return False
+    return not values or (lo <= min(values) and max(values) <= hi)
+
+
+def _texts_ok(values: list[Any], ok: Callable[[str], Any], *, nullable: bool) -> bool:
+    """Every value is a plain ``str`` that ``ok`` accepts, or None if ``nullable``. The
+    types are checked before the values are deduplicated, so nothing that merely compares
+    equal to good text can hide behind it."""
+    types = set(map(type, values))
+    if not types <= ({str, _NoneType} if nullable else {str}):
+        return False
+    return all(ok(v) for v in set(values) if v is not None)
+
+
+def _is_token(value: str) -> bool:
+    return _TOKEN_RE.fullmatch(value) is not None
+
+
+def _is_text(value: str) -> bool:
+    return 0 < len(value) <= _TEXT_MAX and value.isprintable()
+
+
+def _columns_ok(c: Mapping[str, list[Any]], device_id: str) -> bool:
+    """The rules of :func:`_check_record` (and the batch's: one device, increasing seq),
+    checked a column at a time; False if any record breaks one. A ``device_id`` column is
+    optional (a device's own journal holds no other device's records)."""
+    seqs = c["seq"]
+    uids = c["uid"]
+    if not (
+        _ints_ok(seqs, 1, _I64_MAX, nullable=False)
+        and all(map(operator.lt, seqs, itertools.islice(seqs, 1, None)))
+        and _texts_ok(c["phase"], _PHASES.__contains__, nullable=False)
+        and _texts_ok(c["kind"], _is_token, nullable=False)
+        and _texts_ok(c["outcome"], _is_token, nullable=True)
+        and _ints_ok(c["time"], _I64_MIN, _I64_MAX, nullable=False)
+        and _ints_ok(c["card_number"], 0, _U64 - 1, nullable=True)
+        and all(_ints_ok(c[name], _I64_MIN, _I64_MAX, nullable=True)
+                for name in ("link", *_OPT_INT_FIELDS))
+        and all(_texts_ok(c[name], _is_text, nullable=True) for name in _OPT_TEXT_FIELDS)
+        and ("device_id" not in c
+             or _texts_ok(c["device_id"], ("", device_id).__contains__, nullable=False))
+    ):
+        return False
+    types = set(map(type, uids))
+    if not types <= {bytes, _NoneType}:
+        return False
+    present = [u for u in uids if u is not None] if _NoneType in types else uids
+    return set(map(len, present)) <= set(_UID_SIZES)
+
+
+_NO_BASE = object()  # equal to nothing: the "linked record" of a record without one
+
+
+def _masks(c: Mapping[str, list[Any]], bases: list[int], n: int) -> list[int]:
+    """Each record's "eq" mask: bit k set when field k of :data:`_REF_FIELDS` equals the
+    linked record's (``bases``: its index, or ``n`` for none). A done record usually
+    copies all seven fields from its intent, so whole rows are compared first (in C) and
+    only the records that differ somewhere are compared field by field."""
+    if all(b == n for b in bases):
+        return [0] * n
+    rows = list(zip(*(c[name] for name in _REF_FIELDS), strict=True))
+    rows.append(_NO_BASE)  # type: ignore[arg-type]
+    same = list(map(operator.eq, rows, map(rows.__getitem__, bases)))
+    full = (1 << len(_REF_FIELDS)) - 1
+    masks = [full if s else 0 for s in same]
+    for i, b in enumerate(bases):
+        if b != n and not same[i]:
+            row, base = rows[i], rows[b]
+            masks[i] = sum(1 << k for k in range(len(_REF_FIELDS)) if row[k] == base[k])
+    return masks
+
+
+def _encode_columns(c: Mapping[str, list[Any]]) -> dict[str, Any]:
+    """The columnar body (docs/protocol.md, "Batch body") of checked record columns.
+
+    Column by column, with the same result, byte for byte once canonically encoded, as
+    coding the records one at a time: each record's mask compares it with the earlier
+    record its ``link`` names, a masked field has no entry in its column, and the string
+    table numbers each text in order of first use (record by record, columns in
+    :data:`_DICT_COLS` order).
+    """
+    seqs, links, times = c["seq"], c["link"], c["time"]
+    n = len(seqs)
+    unit = 1 if any(map(operator.mod, times, itertools.repeat(1000))) else 1000
+    # the linked record: the earlier record of the batch whose seq is the link (n: none)
+    position = dict(zip(seqs, range(n), strict=True))
+    bases = [
+        n if link is None or link >= seq else position.get(link, n)
+        for seq, link in zip(seqs, links, strict=True)
+    ]
+    masks = _masks(c, bases, n)
+    # per flag, which records keep an entry in the flag's column (None: all of them); flags
+    # set on the same records share one list (a done record usually copies all seven)
+    distinct = set(masks)
+    keep: dict[str, list[bool] | None] = {}
+    by_pattern: dict[frozenset[int], list[bool]] = {}
+    for name, flag in _FLAG.items():
+        dropped = frozenset(m for m in distinct if m & flag)
+        if not dropped:
+            keep[name] = None
+        else:
+            if dropped not in by_pattern:
+                by_pattern[dropped] = list(map(operator.not_, map(dropped.__contains__, masks)))
+            keep[name] = by_pattern[dropped]
+
+    def kept(name: str, values: Sequence[Any]) -> list[Any]:
+        k = keep.get(name)
+        return values if k is None else list(itertools.compress(values, k))
+
+    # string table: every text in order of first use (record, then column position)
+    first_uses: list[tuple[int, int, str]] = []
+    text_cols: list[tuple[str, list[Any], set[Any]]] = []
+    for pos, (name, key) in enumerate(_DICT_COLS):
+        values = kept(name, c[name])
+        where = range(n) if keep.get(name) is None else kept(name, range(n))
+        present = set(values)
+        present.discard(None)
+        if len(present) <= 16:  # the usual case: a few texts, found early by index()
+            first_uses.extend((where[values.index(v)], pos, v) for v in present)
+        else:
+            first = dict(zip(reversed(values), reversed(where), strict=True))  # value -> first
+            first.pop(None, None)
+            first_uses.extend((i, pos, value) for value, i in first.items())
+        text_cols.append((key, values, present))
+    first_uses.sort(key=operator.itemgetter(0, 1))
+    table: dict[str | None, int] = {}
+    for _, _, value in first_uses:
+        if value not in table:
+            table[value] = len(table) + 1
+    strings = list(table)
+    table[None] = 0
+    index_of = table.__getitem__
+
+    body: dict[str, Any] = {"n": n, "tu": unit, "S": strings}
+    body["sq"] = list(map(operator.sub, seqs, [0, *seqs[:-1]]))
+    body["lk"] = [None if link is None else seq - link
+                  for seq, link in zip(seqs, links, strict=True)]
+    body["eq"] = masks
+    for key, values, present in text_cols:
+        if not present:
+            body[key] = [0] * len(values)
+        elif len(present) == 1 and None not in values:
+            body[key] = [index_of(next(iter(present)))] * len(values)
+        else:
+            body[key] = list(map(index_of, values))
+    deltas = list(map(operator.sub, times, [0, *times[:-1]]))
+    if unit != 1:
+        deltas = [d // unit for d in deltas]
+    body["t"] = kept("time", deltas)
+    for name, key in _PLAIN_COLS:
+        body[key] = kept(name, c[name])
+    body["ca"] = kept("counter_after", [
+        a if a is None or b is None else a - b
+        for a, b in zip(c["counter_after"], c["counter_before"], strict=True)
+    ])
+    body["ba"] = kept("balance_after", [
+        a if a is None or b is None else a - b + (f or 0)
+        for a, b, f in zip(c["balance_after"], c["balance_before"], c["fare"], strict=True)
+    ])
     return body
 
 
@@ -518,16 +769,15 @@ _MISSING = object()
 
 
 def _int_column(body: Mapping[str, Any], name: str, lo: int, hi: int, *, nullable: bool) -> list:
-    """A received column of integers, checked in one pass (types and range)."""
+    """A received column of integers, checked in bulk (types, then the range)."""
     values = body.get(name)
     if not isinstance(values, list):
         raise ProtocolError(f"batch body column {name!r} is missing or not an array")
-    for x in values:
-        if type(x) is not int or not lo <= x <= hi:
-            if x is None and nullable:
-                continue
-            raise ProtocolError(f"batch body column {name!r} holds {x!r:.30}, not an integer "
-                                f"in {lo}..{hi}")
+    if not _ints_ok(values, lo, hi, nullable=nullable):
+        bad = next(x for x in values if (x is not None or not nullable) and (
+            type(x) is not int or not lo <= x <= hi))
+        raise ProtocolError(f"batch body column {name!r} holds {bad!r:.30}, not an integer "
+                            f"in {lo}..{hi}")
     return values
 
 
@@ -540,7 +790,7 @@ def _text_column(
     for index in set(indexes):
         value = table[index]
         if field_name == "phase":
-            ok = value in (PHASE_INTENT, PHASE_DONE, PHASE_EVENT)
+            ok = value in _PHASES
         elif field_name in ("kind", "outcome"):
             ok = (value is None and field_name == "outcome") or (
                 value is not None and _TOKEN_RE.fullmatch(value) is not None
@@ -549,22 +799,55 @@ def _text_column(
             ok = value is None or (len(value) <= _TEXT_MAX and value.isprintable())
         if not ok:
             raise ProtocolError(f"batch body: {value!r:.40} is not a valid {field_name}")
-    return [table[i] for i in indexes]
+    return list(map(table.__getitem__, indexes))
 
 
-def _expand(values: list, masks: list[int], flag: int, name: str) -> list:
-    """A column with an entry for every record: records whose mask has ``flag`` (0: none)
-    get None for now, filled from their linked record afterwards."""
-    if not flag:
-        if len(values) != len(masks):
-            raise ProtocolError(f"batch body column {name!r} does not have {len(masks)} entries")
-        return values
-    need = sum(1 for m in masks if not m & flag)
-    if len(values) != need:
-        raise ProtocolError(f"batch body column {name!r} has {len(values)} entries, its "
-                            f"records need {need}")
-    it = iter(values)
-    return [None if m & flag else next(it) for m in masks]
+class _Copies:
+    """Which records of a received batch copy a field from their linked record, for each
+    flag of the "eq" mask: flags set on the same records (usually all seven on every done
+    record) share one plan. A plan maps each record to the entry of the field's column that
+    holds its value: its own, or (copied) its linked record's, resolved through chains."""
+
+    def __init__(self, masks: list[int], bases: list[int]) -> None:
+        self._masks = masks
+        self._bases = bases
+        self._distinct = set(masks)
+        self._plans: dict[frozenset[int], tuple[list[bool], int, list[int]]] = {}
+
+    def plan(self, flag: int) -> tuple[list[bool], int, list[int]] | None:
+        """``(keep, need, source)`` for ``flag``, or None if no record copies it."""
+        copying = frozenset(m for m in self._distinct if m & flag)
+        if not copying:
+            return None
+        if copying not in self._plans:
+            masks, bases = self._masks, self._bases
+            keep = list(map(operator.not_, map(copying.__contains__, masks)))
+            source = list(map(operator.sub, itertools.accumulate(keep), itertools.repeat(1)))
+            for i in itertools.compress(range(len(masks)), map(copying.__contains__, masks)):
+                source[i] = source[bases[i]]  # an earlier record: already resolved
+            self._plans[copying] = (keep, sum(keep), source)
+        return self._plans[copying]
+
+    def check_length(self, values: list, flag: int, name: str) -> None:
+        """A received column must have an entry for each record that does not copy
+        ``flag`` (``flag`` 0: for every record)."""
+        plan = self.plan(flag) if flag else None
+        need = len(self._masks) if plan is None else plan[1]
+        if len(values) != need:
+            raise ProtocolError(f"batch body column {name!r} has {len(values)} entries, its "
+                                f"records need {need}")
+
+    def expand(self, values: list, flag: int, name: str) -> list:
+        """A received column (entries only for the records that do not copy ``flag``) as
+        one value per record, the copies filled in. ``flag`` 0: a column of every record."""
+        self.check_length(values, flag, name)
+        plan = self.plan(flag) if flag else None
+        return values if plan is None else list(map(values.__getitem__, plan[2]))
+
+    def kept(self, values: list, flag: int) -> list:
+        """``values`` (one per record) of the records that do not copy ``flag``."""
+        plan = self.plan(flag)
+        return values if plan is None else list(itertools.compress(values, plan[0]))
 
 
 def _check_range(values: list, name: str) -> None:
@@ -573,9 +856,10 @@ def _check_range(values: list, name: str) -> None:
         raise ProtocolError(f"batch body: {name} out of 64-bit range")
 
 
-def _decode_records(body: Any, device_id: str, n: int) -> tuple[JournalRecord, ...]:
-    """Inverse of :func:`_encode_records`, column by column: every column is checked in bulk
-    (types, ranges, lengths), then the deltas and copies are undone a column at a time."""
+def _decode_columns(body: Any, n: int) -> dict[str, list[Any]]:
+    """Inverse of :func:`_encode_columns`: the record columns (:data:`RECORD_FIELDS`) of a
+    received body. Every column is checked in bulk (types, ranges, lengths), then the
+    deltas and copies are undone a column at a time."""
     if not isinstance(body, dict) or body.get("n") != n:
         raise ProtocolError("batch body is not a map of columns for the batch's record count")
     unit = body.get("tu")
@@ -593,93 +877,89 @@ def _decode_records(body: Any, device_id: str, n: int) -> tuple[JournalRecord, .
     masks = _int_column(body, "eq", 0, (1 << len(_REF_FIELDS)) - 1, nullable=False)
     if not len(sq) == len(lk) == len(masks) == n:
         raise ProtocolError(f"batch body columns sq, lk, eq must have {n} entries")
-    flag_of = {name: 1 << i for i, name in enumerate(_REF_FIELDS)}
-
-    uids = body.get("u")
-    if not isinstance(uids, list) or not all(
-        u is None or (type(u) is bytes and len(u) in _UID_SIZES) for u in uids
-    ):
-        raise ProtocolError("batch body column 'u' must hold 4, 7 or 10-byte UIDs or null")
-    full: dict[str, list] = {}
-    for name, key in _DICT_COLS:
-        resolved = _text_column(body, key, table, name)
-        full[name] = _expand(resolved, masks, flag_of.get(name, 0), key)
-    full["uid"] = _expand(uids, masks, flag_of["uid"], "u")
-    full["card_number"] = _expand(_int_column(body, "cn", 0, _U64 - 1, nullable=True), masks,
-                                  flag_of["card_number"], "cn")
-    for name, key in (("counter_before", "cb"), ("balance_before", "bb"), ("fare", "f"),
-                      ("product", "p"), ("reason", "r")):
-        full[name] = _expand(_int_column(body, key, _I64_MIN, _I64_MAX, nullable=True), masks,
-                             0, key)
-    ca = _expand(_int_column(body, "ca", -big, big, nullable=True), masks,
-                 flag_of["counter_after"], "ca")
-    ba = _expand(_int_column(body, "ba", -big, big, nullable=True), masks,
-                 flag_of["balance_after"], "ba")
-    t_deltas = _int_column(body, "t", -big, big, nullable=False)
 
     seqs = list(itertools.accumulate(sq))
     if seqs[-1] > _I64_MAX:
         raise ProtocolError("batch body: seq out of 64-bit range")
     links = [None if d is None else s - d for s, d in zip(seqs, lk, strict=True)]
     _check_range(links, "link")
-    index = {s: i for i, s in enumerate(seqs)}
+    # the records that copy fields, and from which earlier record of the batch
     bases = [-1] * n
-    for i, m in enumerate(masks):
-        if m:
-            j = index.get(links[i], -1) if links[i] is not None else -1
+    if any(masks):
+        index = dict(zip(seqs, range(n), strict=True))
+        for i in itertools.compress(range(n), masks):
+            j = index.get(links[i], -1)
             if not 0 <= j < i:
                 raise ProtocolError(
                     f"batch record {seqs[i]}: copies fields from a record not in the batch"
                 )
             bases[i] = j
-    # undo the deltas, in record order (a copy comes from an earlier, finished record)
+    copies = _Copies(masks, bases)
+
+    uids = body.get("u")
+    if not isinstance(uids, list) or not set(map(type, uids)) <= {bytes, _NoneType} or not (
+        set(map(len, filter(None, uids))) <= set(_UID_SIZES)
+    ) or b"" in uids:
+        raise ProtocolError("batch body column 'u' must hold 4, 7 or 10-byte UIDs or null")
+    full: dict[str, list] = {}
+    for name, key in _DICT_COLS:
+        full[name] = copies.expand(_text_column(body, key, table, name), _FLAG.get(name, 0),
+                                   key)
+    full["uid"] = copies.expand(uids, _FLAG["uid"], "u")
+    full["card_number"] = copies.expand(_int_column(body, "cn", 0, _U64 - 1, nullable=True),
+                                        _FLAG["card_number"], "cn")
+    for name, key in (("counter_before", "cb"), ("balance_before", "bb"), ("fare", "f"),
+                      ("product", "p"), ("reason", "r")):
+        full[name] = copies.expand(
+            _int_column(body, key, _I64_MIN, _I64_MAX, nullable=True), 0, key)
     cb, bb, fare = full["counter_before"], full["balance_before"], full["fare"]
-    times = [0] * n
-    t_it = iter(t_deltas)
-    prev = 0
-    tflag, caflag, baflag = flag_of["time"], flag_of["counter_after"], flag_of["balance_after"]
-    try:
-        for i in range(n):
-            m = masks[i]
-            if m & tflag:
-                prev = times[bases[i]]
-            else:
-                prev += next(t_it) * unit
-            times[i] = prev
-            if m & caflag:
-                ca[i] = ca[bases[i]]
-            elif ca[i] is not None and cb[i] is not None:
-                ca[i] += cb[i]
-            if m & baflag:
-                ba[i] = ba[bases[i]]
-            elif ba[i] is not None and bb[i] is not None:
-                ba[i] = ba[i] + bb[i] - (fare[i] or 0)
-    except StopIteration:
-        raise ProtocolError("batch body column 't' is shorter than its records need") from None
-    if next(t_it, _MISSING) is not _MISSING:
-        raise ProtocolError("batch body column 't' is longer than its records need")
-    full["time"], full["counter_after"], full["balance_after"] = times, ca, ba
+    # counter_after and balance_after: undo the difference on the records' own entries,
+    # then copy
+    caflag, baflag = _FLAG["counter_after"], _FLAG["balance_after"]
+    ca = _int_column(body, "ca", -big, big, nullable=True)
+    ba = _int_column(body, "ba", -big, big, nullable=True)
+    copies.check_length(ca, caflag, "ca")
+    copies.check_length(ba, baflag, "ba")
+    ca = [a if a is None or b is None else a + b
+          for a, b in zip(ca, copies.kept(cb, caflag), strict=True)]
+    ba = [a if a is None or b is None else a + b - (f or 0)
+          for a, b, f in zip(ba, copies.kept(bb, baflag), copies.kept(fare, baflag),
+                             strict=True)]
+    full["counter_after"] = copies.expand(ca, caflag, "ca")
+    full["balance_after"] = copies.expand(ba, baflag, "ba")
+
+    # time: a running sum of the deltas, restarting from the linked record's time where
+    # copied (so a record after a copy continues from the copied time)
+    t_deltas = _int_column(body, "t", -big, big, nullable=False)
+    tflag = _FLAG["time"]
+    if any(m & tflag for m in masks):
+        times = [0] * n
+        t_it = iter(t_deltas)
+        prev = 0
+        try:
+            for i, m in enumerate(masks):
+                if m & tflag:
+                    prev = times[bases[i]]
+                else:
+                    prev += next(t_it) * unit
+                times[i] = prev
+        except StopIteration:
+            raise ProtocolError(
+                "batch body column 't' is shorter than its records need") from None
+        if next(t_it, _MISSING) is not _MISSING:
+            raise ProtocolError("batch body column 't' is longer than its records need")
+    else:
+        if len(t_deltas) != n:
+            raise ProtocolError(f"batch body column 't' must have {n} entries")
+        times = list(itertools.accumulate(t_deltas if unit == 1 else
+                                          [d * unit for d in t_deltas]))
+    full["time"] = times
     for name in ("time", "counter_after", "balance_after"):
         _check_range(full[name], name)
-    for name in ("kind", "card_number", "uid", "action_id"):
-        flag = flag_of[name]
-        column = full[name]
-        for i, m in enumerate(masks):
-            if m & flag:
-                column[i] = column[bases[i]]
     if None in full["kind"]:
         raise ProtocolError("batch body: a record has no kind")
-    out = tuple(
-        JournalRecord(k, t, c, u, b0, a0, b1, a1, f, p, ln, vh, vi, o, r, ai, s, ph, lnk,
-                      device_id)
-        for k, t, c, u, b0, a0, b1, a1, f, p, ln, vh, vi, o, r, ai, s, ph, lnk in zip(
-            full["kind"], times, full["card_number"], full["uid"], cb, ca, bb, ba, fare,
-            full["product"], full["line"], full["vehicle"], full["validator_id"],
-            full["outcome"], full["reason"], full["action_id"], seqs, full["phase"], links,
-            strict=True,
-        )
-    )
-    return out
+    full["seq"], full["link"] = seqs, links
+    return {name: full[name] for name in RECORD_FIELDS}
 
 
 def encode_batch(
@@ -690,27 +970,52 @@ def encode_batch(
     Every field but ``mac`` travels; a record's ``device_id`` must be ``device_id`` (or empty).
     Raises :class:`ProtocolError` for an empty batch, records out of order or invalid.
     """
+    return encode_batch_columns(device_id, record_columns(records), key, ts=ts)
+
+
+def encode_batch_columns(
+    device_id: str, columns: Mapping[str, Sequence[Any]], key: Ed25519PrivateKey, *, ts: int
+) -> bytes:
+    """:func:`encode_batch` of records given as columns: a list per field of
+    :data:`RECORD_FIELDS` (other keys, such as the journal's ``mac``, are ignored; a
+    ``device_id`` column is checked when present), all of one length, record order.
+
+    The records are checked a column at a time (the journal's rules, increasing seq); if
+    any fails they are checked one by one, so the :class:`ProtocolError` names the first
+    bad record and field: a bad record never reaches the wire. The columns are not changed.
+    """
     _check_device_id(device_id)
-    if not records:
+    missing = [name for name in RECORD_FIELDS if name not in columns]
+    if missing:
+        raise ProtocolError(f"batch columns lack {', '.join(missing)}")
+    c = {name: columns[name] for name in (*RECORD_FIELDS, "device_id") if name in columns}
+    if not all(type(col) is list for col in c.values()):
+        c = {name: list(col) for name, col in c.items()}
+    n = len(c["seq"])
+    if not n:
         raise ProtocolError("a batch needs at least one record")
-    if len(records) > MAX_BATCH_RECORDS:
+    if n > MAX_BATCH_RECORDS:
         raise ProtocolError(f"a batch holds at most {MAX_BATCH_RECORDS} records")
-    prev = 0
-    for rec in records:
-        _check_record(rec)
-        if rec.device_id not in ("", device_id):
-            raise ProtocolError(f"record seq {rec.seq} belongs to device {rec.device_id!r}")
-        if rec.seq <= prev:
-            raise ProtocolError(f"batch records out of order at seq {rec.seq}")
-        prev = rec.seq
-    body = _deflate(_canonical(_encode_records(records)))
+    if any(len(col) != n for col in c.values()):
+        raise ProtocolError("batch columns are not all of the same length")
+    if not _columns_ok(c, device_id):
+        names = list(c)
+        records = [
+            JournalRecord(**dict(zip(names, values, strict=True)))
+            for values in zip(*c.values(), strict=True)
+        ]
+        _check_records_one_by_one(device_id, records)
+        raise ProtocolError(  # the column checks and the record checks disagree: refuse
+            f"records {records[0].seq!r:.24}..{records[-1].seq!r:.24} refused by the batch "
+            "checks")
+    body = _deflate(_canonical(_encode_columns(c)))
     msg = {
         "t": "txn",
         "dev": device_id,
         "ts": ts,
-        "first": records[0].seq,
-        "last": records[-1].seq,
-        "n": len(records),
+        "first": c["seq"][0],
+        "last": c["seq"][-1],
+        "n": n,
         "z": "deflate",
         "body": body,
     }
@@ -733,10 +1038,11 @@ def decode_batch(
     if msg.get("z") != "deflate":
         raise ProtocolError(f"{what}: unknown compression {msg.get('z')!r:.20}")
     body = _load_body(msg.get("body"), MAX_TXN_BODY_BYTES, what, check_plain=False)
-    records = _decode_records(body, dev, n)
-    if records[0].seq != first or records[-1].seq != last:
+    columns = _decode_columns(body, n)
+    seqs = columns["seq"]
+    if seqs[0] != first or seqs[-1] != last:
         raise ProtocolError(f"{what}: first/last do not match its records")
-    return Batch(dev, first, last, ts, records)
+    return Batch(dev, first, last, ts, columns=columns)
 
 
 def peek_batch_range(payload: bytes) -> tuple[int, int] | None:

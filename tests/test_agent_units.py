@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import random
+import sqlite3
 import time
 from pathlib import Path
 
@@ -27,7 +28,13 @@ from edge_agent.config_sync import (
     Incoming,
     SyncResult,
 )
-from edge_agent.errors import AgentConfigError, Expired, ReplayRejected, SignatureInvalid
+from edge_agent.errors import (
+    AgentConfigError,
+    Expired,
+    ProtocolError,
+    ReplayRejected,
+    SignatureInvalid,
+)
 from edge_agent.keys import public_hex
 from edge_agent.logfile import LOG_FORMAT, UtcFormatter, open_log_handler, read_log_since
 from edge_agent.outbox import BatchReader, OutgoingBatch, Waiting, Window
@@ -61,7 +68,7 @@ def test_minimal_settings_get_working_defaults(tmp_path: Path) -> None:
     assert s.queue_path == tmp_path / "device-uplink.db"
     assert s.log_path == tmp_path / "agent.log"
     assert (s.mqtt.protocol, s.mqtt.session, s.mqtt.tls) == ("5", "persistent", False)
-    assert s.batch.max_records == 200 and s.batch.window >= 1
+    assert s.batch.max_records == 1000 and s.batch.window >= 1
 
 
 @pytest.mark.parametrize(
@@ -203,6 +210,49 @@ def test_batches_cut_by_count_age_and_bytes(device) -> None:
         assert isinstance(cut, OutgoingBatch) and len(cut.payload) <= 2048
         assert 1 <= cut.count < 500 and cut.first == 1 and cut.last == cut.count
         assert reader.last_tap is not None
+
+
+def test_a_backlog_leaves_in_full_batches_at_the_default_settings(device) -> None:
+    """Issue 5: a device draining a backlog sends max_records (1000) per batch by default,
+    each far inside max_bytes, every field but the MAC intact."""
+    settings = BatchSettings()
+    reader = BatchReader(DEV, device.key, settings)
+    with device.open_db() as db:
+        now = int(time.time() * 1000)
+        write_taps(db, 600, start_ms=now)  # 1200 records, fresh
+        batch = reader.next_batch(db, 0, now)  # full: leaves without waiting
+        assert isinstance(batch, OutgoingBatch) and batch.count == settings.max_records
+        assert len(batch.payload) <= settings.max_bytes // 8
+        decoded = protocol.decode_batch(batch.payload, {DEV: device.key.public_key()}.get)
+        assert decoded.records == tuple(
+            dataclasses.replace(r, mac=b"") for r in db.journal.records(0, 1000, verify=False)
+        )
+        rest = reader.next_batch(db, batch.last, now, True)
+        assert isinstance(rest, OutgoingBatch) and (rest.first, rest.last) == (1001, 1200)
+
+
+@pytest.mark.parametrize(("column", "value", "message"), [
+    ("line", "48\n", "line must be printable"),
+    ("uid", b"12345", "uid must be 4, 7 or 10 bytes"),
+    ("kind", "Tap", "kind must be a token"),
+    ("phase", "opened", "unknown phase"),
+])
+def test_a_journal_record_the_codec_refuses_is_never_sent(device, column, value,
+                                                          message) -> None:
+    """A record changed behind the journal's back (its rules are checked on write only)
+    stops the outbox with ProtocolError naming it; nothing of the batch is signed."""
+    with device.open_db() as db:
+        write_taps(db, 20, start_ms=1_760_000_000_000)
+    raw = sqlite3.connect(device.db_path)
+    with raw:
+        raw.execute(f"UPDATE journal SET {column} = ? WHERE seq = 7", (value,))
+    raw.close()
+    reader = BatchReader(DEV, device.key, BatchSettings(max_records=50))
+    with device.open_db() as db:
+        with pytest.raises(ProtocolError, match=f"record seq 7: {message}"):
+            reader.next_batch(db, 0, 1_760_000_100_000, True)
+        ok = reader.next_batch(db, 7, 1_760_000_100_000, True)  # the records after it go
+        assert isinstance(ok, OutgoingBatch) and ok.first == 8
 
 
 def test_window_go_back_and_acks() -> None:

@@ -5,6 +5,7 @@ and the `afc sim center` / `afc bundle` commands through click's runner."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import multiprocessing
 import random
@@ -56,6 +57,25 @@ def test_store_is_exactly_once_with_contiguous_high_water(store):
     assert store.record_count(DEV) == 250
     assert list(store.records(DEV)) == recs[:250]  # every field round-trips through SQLite
     assert store.upto(DEV) == 250
+
+
+def test_store_takes_decoded_batches_straight_from_their_columns(store, tmp_path):
+    """A decoded batch is stored from its columns (no record objects): every field, NULLs,
+    BLOB UIDs and card numbers above 2**63 round-trip exactly, and duplicates are counted."""
+    recs = P.wire_sample(40, random.Random(6), device_id=DEV)
+    recs[3] = dataclasses.replace(recs[3], card_number=(1 << 64) - 1, uid=bytes(10))
+    recs[4] = dataclasses.replace(recs[4], card_number=(1 << 64) - 1, uid=bytes(10))
+    decoded = P.decode_batch(P.encode_batch(DEV, recs, KEY, ts=77), {DEV: KEY.public_key()}.get)
+    result = store.store_batches([decoded], worker="w-1")[0]
+    assert (result.new, result.duplicates, result.upto) == (80, 0, 80)
+    assert list(store.records(DEV)) == recs
+    again = store.store_batch(decoded)
+    assert (again.new, again.duplicates, again.upto) == (0, 80, 80)
+    raw = sqlite3.connect(tmp_path / "center.db")
+    types = raw.execute("SELECT typeof(uid), typeof(line), typeof(outcome), batch_ts, worker "
+                        "FROM records WHERE seq IN (1, 2) ORDER BY seq").fetchall()
+    raw.close()
+    assert types == [("blob", "text", "null", 77, "w-1"), ("blob", "null", "text", 77, "w-1")]
 
 
 def test_store_refuses_unregistered_device_and_keeps_bad_ranges(store):

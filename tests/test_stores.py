@@ -753,6 +753,25 @@ def test_outbox_reading_and_acks(db: DeviceDatabase) -> None:
     assert db.journal.acked_seq == 6
 
 
+def test_outbox_columns_are_the_records_transposed(db: DeviceDatabase) -> None:
+    """The agent's columnar read says exactly what the record read says, field for field,
+    u64 card numbers above 2**63 and absent fields included."""
+    assert db.journal.record_columns() == {
+        name: [] for name in db.journal.record_columns(0, 1)
+    }
+    seq = db.journal.intent(tap(card=BIG, counter=3))
+    db.journal.done(seq, "ok", counter_after=4, balance_after=8_000)
+    db.journal.event({"kind": "rejection", "time": 5, "reason": 2})
+    db.journal.intent(tap(counter=9, uid=None, line=None))
+    for since, limit in ((0, 1000), (1, 2), (3, 1)):
+        records = db.journal.records(since, limit, verify=False)
+        columns = db.journal.record_columns(since, limit)
+        assert "device_id" not in columns
+        for name, values in columns.items():
+            assert values == [getattr(r, name) for r in records], name
+    assert db.journal.record_columns()["card_number"][:2] == [BIG, BIG]
+
+
 def test_invalid_records_refused(db: DeviceDatabase) -> None:
     for bad in (
         {"kind": "Tap", "time": 1},
