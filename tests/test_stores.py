@@ -170,6 +170,21 @@ def test_a_failing_sync_is_an_unavailable_store(
     assert db.journal.intent(tap()) > 0
 
 
+def test_a_wal_unlinked_behind_the_stores_back_is_an_unavailable_store(
+    db: DeviceDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The WAL's descriptor is kept between syncs; a WAL that is no longer the file at its
+    path (deleted by hand, a broken medium) must not be synced in its stead as if nothing
+    had happened."""
+    synced = _record_syncs(monkeypatch)
+    db.journal.intent(tap())
+    db.journal.intent(tap())
+    assert synced == [f"{db.path}-wal"] * 2
+    os.unlink(f"{db.path}-wal")
+    with pytest.raises(StoreUnavailable, match="could not be synced"):
+        db.journal.intent(tap())
+
+
 def test_other_device_refused(db_path: Path, keys: MemoryKeyStore) -> None:
     DeviceDatabase.open(db_path, device_id=DEVICE, journal_key=keys).close()
     with pytest.raises(DeviceMismatch):

@@ -215,6 +215,10 @@ _TRIP_FIELDS: Final = (
 )
 
 
+#: The product nibbles a trip record may carry (:class:`TripProduct` values).
+_TRIP_PRODUCT_CODES = frozenset(p.value for p in TripProduct)
+
+
 def _check_uint(owner: str, name: str, value: object, bits: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << bits:
         raise CodecError(
@@ -247,9 +251,23 @@ class TripRecord:
     SIZE: ClassVar[int] = _TRIP_STRUCT.size
 
     def __post_init__(self) -> None:
+        # One expression for the common case (four records are built on every tap); the
+        # field walk below only runs to name what is wrong.
+        c, t, li, vi, f, ts, fl = (
+            self.counter, self.time, self.line_id, self.validator_id, self.fare,
+            self.transfer_step, self.flags,
+        )
+        if (
+            type(c) is int and type(t) is int and type(li) is int and type(vi) is int
+            and type(f) is int and type(ts) is int and type(fl) is int
+            and 0 <= c <= 0xFFFFFFFF and 0 <= t <= 0xFFFFFFFF and 0 <= li <= 0xFFFF
+            and 0 <= vi <= 0xFFFF and 0 <= f <= 0xFFFF and 0 <= ts <= 0xFF and 0 <= fl <= 0xFF
+            and fl & 0x0F in _TRIP_PRODUCT_CODES
+        ):
+            return
         for name, bits in _TRIP_FIELDS:
             _check_uint("TripRecord", name, getattr(self, name), bits)
-        if self.flags & 0x0F not in TripProduct._value2member_map_:
+        if self.flags & 0x0F not in _TRIP_PRODUCT_CODES:
             raise CodecError(f"TripRecord.flags: unknown product nibble {self.flags & 0x0F}")
 
     @classmethod

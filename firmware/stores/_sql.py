@@ -61,11 +61,18 @@ class Conn:
         self.closed = False
         #: The WAL file :meth:`write` syncs; None for a database that is not a WAL file on disk.
         self.wal_path = None if wal_path is None else os.fspath(wal_path)
+        self._wal_fd = -1  # opened at the first sync, kept while the connection is open
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self._drop_wal_fd()
             self.raw.close()
+
+    def _drop_wal_fd(self) -> None:
+        fd, self._wal_fd = self._wal_fd, -1
+        if fd >= 0:
+            os.close(fd)
 
     def _check_open(self) -> None:
         if self.closed:
@@ -113,20 +120,24 @@ class Conn:
     def sync_wal(self, what: str = "sync") -> None:
         """fdatasync the WAL file: every transaction committed so far is on stable storage.
 
-        A sync of any descriptor of a file flushes that file's written pages, so a second,
-        short-lived descriptor is enough; it is opened each time because SQLite may delete
-        and recreate the WAL (last connection closed). No WAL file after a commit in WAL mode
-        means the commit cannot be vouched for: :class:`StoreUnavailable`.
+        A sync of any descriptor of a file flushes that file's written pages, so a read-only
+        descriptor is enough. It is opened at the first sync and kept: SQLite deletes the
+        WAL only when the last connection closes, and this connection is open, so the file
+        stays the same one. (Should it ever have been unlinked after all, its link count is
+        0 and a fresh descriptor is opened; ``fstat`` costs no path lookup.) No WAL file
+        after a commit in WAL mode means the commit cannot be vouched for:
+        :class:`StoreUnavailable`.
         """
         if self.wal_path is None:
             return
         try:
-            fd = os.open(self.wal_path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fdatasync(fd)
-            finally:
-                os.close(fd)
+            fd = self._wal_fd
+            if fd < 0 or os.fstat(fd).st_nlink == 0:
+                self._drop_wal_fd()
+                fd = self._wal_fd = os.open(self.wal_path, os.O_RDONLY | os.O_CLOEXEC)
+            os.fdatasync(fd)
         except OSError as exc:
+            self._drop_wal_fd()  # the next sync starts from the path again
             raise StoreUnavailable(
                 f"{what}: the write-ahead log could not be synced to storage ({exc.strerror}); "
                 "check the storage medium"
