@@ -17,9 +17,11 @@ For each message :class:`ConfigSync`:
    to reload (``blacklist``) and the version held; the center answers with a full bundle.
 
 Retained bundles arrive again at every (re)subscription. A bundle whose version is the one
-in force is the normal case and is ignored silently; an identical payload is recognised by
-its hash before any signature work (a million-entry blacklist is not decoded again at every
-reconnection). A stale or bad bundle is reported once per process, not at every reconnection.
+in force is the normal case and is ignored silently, and so is one the delta chain has
+superseded (the retained full list the deltas in force build on, an old retained delta). An
+identical payload is recognised by its hash before any signature work (a million-entry
+blacklist is not decoded again at every reconnection). A stale or bad bundle is reported once
+per process, not at every reconnection.
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ REJECTED = "rejected"
 RELOAD = "reload"
 DUPLICATE = "duplicate"  # the very payload already handled in this process
 UNAVAILABLE = "unavailable"  # the database could not take it now; retried at the next resync
+#: Older than the version in force, but by the normal course of the delta chain, not a
+#: rollback: the retained full list the deltas in force build on, or a delta a later list
+#: replaced. Ignored silently like SAME (it would otherwise be reported at every restart).
+SUPERSEDED = "superseded"
 #: Distinct refusals reported as events per process (more are only logged).
 _MAX_REPORTED = 256
 
@@ -194,10 +200,15 @@ class ConfigSync:
     def _apply(self, db: DeviceDatabase, bundle: protocol.Bundle) -> SyncResult:
         kind, version, body = bundle.kind, bundle.version, bundle.body
         current = current_version(db, kind)
+        if kind == "blacklist-delta" and version < current:
+            return SyncResult(SUPERSEDED, kind, version, f"a later list ({current}) is in force")
         if kind != "blacklist-delta":
             if version == current:
                 return SyncResult(SAME, kind, version)
             if version < current:
+                if kind == "blacklist" and version == db.blacklist.base_version:
+                    return SyncResult(SUPERSEDED, kind, version,
+                                      f"the full list deltas up to {current} build on")
                 return SyncResult(STALE, kind, version, f"version {version} is older than "
                                   f"{current} in force (rollback refused)")
         try:
@@ -248,6 +259,10 @@ class ConfigSync:
         kind, version = result.kind, result.version
         if result.outcome == SAME:
             log.debug("dev=%s %s version %s already in force", self.device_id, kind, version)
+            return
+        if result.outcome == SUPERSEDED:
+            log.debug("dev=%s %s version %s superseded: %s", self.device_id, kind, version,
+                      result.reason)
             return
         if result.outcome == APPLIED:
             log.info("dev=%s %s version %s applied (%s)", self.device_id, kind, version,

@@ -24,6 +24,7 @@ from edge_agent.config_sync import (
     RELOAD,
     SAME,
     STALE,
+    SUPERSEDED,
     ConfigSync,
     Incoming,
     SyncResult,
@@ -398,9 +399,35 @@ def test_delta_on_wrong_base_requests_full_reload(sync_env) -> None:
     reload = [d for e, d in events(db) if e == "cfg-reload-request"]
     assert reload == [{"kind": "blacklist", "version": 5, "offered": 8,
                        "delta_kind": "blacklist-delta"}]
-    # an old delta retained from before the full list: stale, not a reload
+    # an old delta retained from before the full list: superseded, neither a reload nor a
+    # rejection to report
+    before = events(db)
     old = protocol.Bundle("blacklist-delta", 4, {"add": [], "remove": []}, now, base=3)
-    assert push(sync, db, old, center).outcome == STALE
+    assert push(sync, db, old, center).outcome == SUPERSEDED
+    assert events(db) == before
+
+
+def test_the_full_list_under_the_deltas_in_force_is_not_a_rollback(sync_env) -> None:
+    """After full 5 and delta 5->6 the broker still retains full 5 (the center publishes
+    deltas on their own topic): at every agent start it arrives again and must be neither
+    applied nor reported, while a full list older than that base still is."""
+    sync, db, center, _ = sync_env
+    now = int(time.time() * 1000)
+    assert push(sync, db, protocol.Bundle("blacklist", 5, {"entries": [(1, 1, None)]}, now),
+                center).outcome == APPLIED
+    assert push(sync, db, protocol.Bundle("blacklist-delta", 6, {"add": [(2, 1, None)],
+                                                                 "remove": []}, now, base=5),
+                center).outcome == APPLIED
+    assert db.blacklist.base_version == 5 and db.blacklist.version == 6
+    before = events(db)
+    for restart in range(3):  # a new process each time: nothing remembered
+        sync.forget()
+        again = protocol.Bundle("blacklist", 5, {"entries": [(1, 1, None)]}, now + restart)
+        assert push(sync, db, again, center).outcome == SUPERSEDED
+    assert events(db) == before and db.blacklist.lookup(2) is not None
+    older = protocol.Bundle("blacklist", 4, {"entries": []}, now)
+    assert push(sync, db, older, center).outcome == STALE
+    assert [e for e, _ in events(db)][len(before):] == ["cfg-rejected"]
 
 
 # -- commands ----------------------------------------------------------------------------------

@@ -165,6 +165,13 @@ class Blacklist:
         return int(self._meta("blacklist_version"))
 
     @property
+    def base_version(self) -> int | None:
+        """The version of the last full list loaded, which the deltas since build on; None
+        when not known (no full list yet, or loaded before this was recorded)."""
+        value = self._meta("blacklist_base")
+        return None if value is None else int(value)
+
+    @property
     def count(self) -> int:
         """How many cards the list in force holds (kept in ``meta``: no table scan)."""
         return int(self._meta("blacklist_count"))
@@ -258,6 +265,10 @@ class Blacklist:
                     blacklist_active=staging,
                 )
                 raw.execute("DELETE FROM meta WHERE key = 'blacklist_staging'")
+                raw.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('blacklist_base', ?)",
+                    (version,),
+                )
         except BaseException:
             self._discard_staging(staging, token)
             raise
