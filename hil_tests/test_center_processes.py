@@ -3,7 +3,9 @@ processes on a shared subscription and one SQLite store, against a real Mosquitt
 
 Proves: the workers share the load and store every record exactly once; a worker SIGKILLed
 after storing and before acking loses nothing (the retransmission is dropped as a duplicate
-and acked, by the other worker or by the restarted one); SIGTERM stops everything cleanly.
+and acked, by the other worker or by the restarted one); SIGTERM stops everything cleanly;
+status, telemetry and events published while the center is down (killed, and the broker
+restarted meanwhile) reach it when it is back, through its monitor's persistent session.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent import protocol as P
-from edge_agent.keys import generate_key_file, public_hex
+from edge_agent.keys import generate_key_file, load_private_key, public_hex
 from simulators.center.devicesim import BatchSender
 from simulators.center.errors import CenterError
 from simulators.center.mqtt import BrokerAddress
@@ -41,7 +43,9 @@ class CenterProcess:
 
     def __init__(self, broker, tmp_path: Path, workers: int, env: dict[str, str] | None = None):
         self.key_path = tmp_path / "center.key"
-        self.key = generate_key_file(self.key_path)
+        # the same folder again is the same center coming back: same key, same database
+        self.key = (load_private_key(self.key_path) if self.key_path.exists()
+                    else generate_key_file(self.key_path))
         self.db = tmp_path / "center.db"
         devices = tmp_path / "devices.toml"
         devices.write_text("".join(
@@ -194,3 +198,62 @@ def test_worker_killed_after_store_before_ack_loses_nothing(mosquitto, tmp_path,
         assert store.seqs(dev) == list(range(1, 201))
         assert list(store.records(dev)) == records
     assert (tmp_path / "fault.once").exists()
+
+
+def test_events_published_while_the_center_is_down_arrive_when_it_is_back(tmp_path):
+    """The center is SIGKILLed; a device keeps publishing events and telemetry (QoS 1); the
+    broker (with persistence) is restarted meanwhile; the center comes back on the same
+    database. Its monitor's persistent session gets everything that was published while it
+    was away, each event stored once, the newest telemetry kept (issue 5)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from edge_agent.testing import wait_until
+    from simulators.broker import MosquittoBroker
+
+    dev = next(iter(DEVICES))
+    sign = P.ed25519_json_signer(DEVICES[dev])
+
+    def publish(broker, first_seq: int, n: int) -> None:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=dev)
+        client.connect(broker.host, broker.port)
+        client.loop_start()
+        try:
+            for seq in range(first_seq, first_seq + n):
+                for leaf, body in (
+                    ("event", {"event": "door-open" if seq % 2 else "door-closed",
+                               "severity": "warning", "seq": seq, "detail": {}}),
+                    ("telemetry", {"uptime_s": seq, "outbox_depth": 0}),
+                ):
+                    msg = P.encode_json_message({"dev": dev, "kind": "validator",
+                                                 "ts": 1_000 + seq, **body}, signer=sign)
+                    client.publish(f"afc/v1/dev/{dev}/{leaf}", msg, qos=1).wait_for_publish(10)
+        finally:
+            client.loop_stop()
+            client.disconnect()
+
+    with MosquittoBroker(tmp_path / "broker", persistence=True) as broker:
+        with CenterProcess(broker, tmp_path, workers=1) as center:
+            center.wait_for("monitor subscribed: client=afc-center-monitor-")
+            center.wait_for("center ready")
+            publish(broker, 1, 5)  # while it is up
+            with SqliteCenterStore(center.db) as store:
+                assert wait_until(lambda: len(store.events(dev)) == 5, 20, 0.05)
+            center.proc.kill()  # a crash: no clean disconnect
+            center.proc.wait(10)
+        publish(broker, 6, 20)  # the center is down
+        broker.restart()  # ... and the broker restarts meanwhile: its persistence keeps them
+        publish(broker, 26, 5)
+        with CenterProcess(broker, tmp_path, workers=1) as center:  # the same center is back
+            center.wait_for("center ready")
+            with SqliteCenterStore(center.db) as store:
+                assert wait_until(lambda: len(store.events(dev)) >= 30, 20, 0.05), (
+                    f"{len(store.events(dev))} of 30 events; center log:\n"
+                    + "".join(center.lines[-20:]))
+            assert center.stop() == 0
+    with SqliteCenterStore(center.db) as store:
+        events = store.events(dev)
+        assert sorted(e["seq"] for e in events) == list(range(1, 31))  # each once
+        assert all(e["signed"] for e in events)
+        (state,) = [s for s in store.device_states() if s.device_id == dev]
+        assert state.telemetry_ts == 1_030 and state.telemetry["uptime_s"] == 30

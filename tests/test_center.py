@@ -321,3 +321,183 @@ def test_bundle_cli_sign_verify_and_refusals(tmp_path):
     assert res.exit_code != 0 and "base" in str(res.exception)  # a delta needs --base
     res = runner.invoke(bundle, ["--help"])
     assert res.exit_code == 0 and "newer than theirs" in res.output
+
+
+# -- dealer credit (issue 7) ------------------------------------------------------------------
+
+T0 = 1_767_225_600  # 2026-01-01 00:00 UTC = 03:00 in Türkiye
+DAY_S = 86_400
+
+
+def topup(seq, t, amount, *, done="ok", card=4_200_001, dev="bayi-1"):
+    """A load as firmware/apps/topup.py journals it: intent (the amount in ``fare``), then
+    done (``not-charged`` gives the credit back); ``done=None`` leaves the intent open."""
+    intent = JournalRecord(kind="topup", seq=seq, phase="intent", time=t * 1000,
+                           card_number=card, uid=b"\x01\x02\x03\x04", counter_before=1,
+                           counter_after=2, balance_before=100, balance_after=100 + amount,
+                           fare=amount, product=1, validator_id="9017", device_id=dev)
+    if done is None:
+        return [intent]
+    return [intent, JournalRecord(kind="topup", seq=seq + 1, phase="done", link=seq,
+                                  time=t * 1000, card_number=card, uid=b"\x01\x02\x03\x04",
+                                  counter_after=2, balance_after=100 + amount,
+                                  fare=amount if done != "not-charged" else 0, product=1,
+                                  outcome=done, device_id=dev)]
+
+
+def _publisher(store):
+    published: list[tuple[str, bytes, bool]] = []
+
+    async def publish(topic, payload, retain):
+        published.append((topic, payload, retain))
+
+    return Publisher(store, CENTER, publish), published
+
+
+def test_issued_allowances_are_recorded_from_the_publisher_and_from_signed_files(store,
+                                                                                 tmp_path):
+    pub, published = _publisher(store)
+    bundle_1 = asyncio.run(pub.issue_allowance("bayi-1", "A-1", 100_000, T0, T0 + 30 * DAY_S,
+                                               daily_limit=60_000))
+    assert (bundle_1.kind, bundle_1.target, bundle_1.version) == ("credit", "bayi-1", 1)
+    assert published[0][0] == "afc/v1/cfg/credit/bayi-1" and published[0][2]  # retained
+    (a1,) = store.allowances("bayi-1")
+    assert (a1.allowance_id, a1.amount, a1.valid_from, a1.valid_until, a1.daily_limit,
+            a1.bundle_version, a1.target, a1.source) == (
+        "A-1", 100_000, T0, T0 + 30 * DAY_S, 60_000, 1, "bayi-1", "publisher")
+    # the allowance inside is what a terminal accepts: signed by the center, for the dealer
+    from firmware.apps.topup import CreditAllowance
+
+    credit = CreditAllowance.from_json(json.dumps(bundle_1.body["allowance"]))
+    credit.verify(CENTER.public_key())
+    # a signed credit bundle file (afc bundle sign --kind credit) and an allowance file
+    signed = dataclasses.replace(
+        CreditAllowance("bayi-2", "A-2", 50_000, T0, T0 + 7 * DAY_S, b""))
+    signed = dataclasses.replace(signed, signature=CENTER.sign(signed.signed_bytes()))
+    bundle_file = tmp_path / "credit.bundle"
+    bundle_file.write_bytes(P.encode_bundle(P.Bundle(
+        "credit", 3, {"allowance": json.loads(signed.to_json())}, 0, target="bayi-2"), CENTER))
+    key_file = tmp_path / "center.key"
+    generate_key_file(key_file)  # another center's key: its signature does not check out
+    runner = CliRunner()
+    res = runner.invoke(center, ["allowance", "register", "--db", str(store.path),
+                                 "--key", str(key_file), "--in", str(bundle_file)])
+    assert res.exit_code != 0 and "not a bundle signed by this center" in str(res.exception)
+    res = runner.invoke(center, ["allowance", "register", "--db", str(store.path),
+                                 "--center-public", public_hex(CENTER), "--in",
+                                 str(bundle_file), "--daily-limit-tl", "300"])
+    assert res.exit_code == 0, res.output
+    allowance_file = tmp_path / "allowance.json"
+    third = dataclasses.replace(signed, allowance_id="A-3", dealer_id="bayi-3", signature=b"")
+    third = dataclasses.replace(third, signature=CENTER.sign(third.signed_bytes()))
+    allowance_file.write_text(third.to_json())
+    res = runner.invoke(center, ["allowance", "register", "--db", str(store.path),
+                                 "--center-public", public_hex(CENTER), "--in",
+                                 str(allowance_file)])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(center, ["allowance", "list", "--db", str(store.path), "--json"])
+    listed = {a["allowance_id"]: a for a in json.loads(res.output)}
+    assert sorted(listed) == ["A-1", "A-2", "A-3"]
+    assert (listed["A-2"]["dealer_id"], listed["A-2"]["daily_limit"], listed["A-2"]["source"],
+            listed["A-2"]["bundle_version"]) == ("bayi-2", 30_000, "file", 3)
+    assert listed["A-3"]["bundle_version"] is None and "signature_hex" not in listed["A-3"]
+    # refused: an allowance the center did not sign (before anything is signed or stored),
+    # and an allowance id reused for another grant
+    forged = dataclasses.replace(signed, allowance_id="A-9",
+                                 signature=Ed25519PrivateKey.generate().sign(b"x"))
+    with pytest.raises(CenterError, match="not signed by the center"):
+        pub.sign("credit", {"allowance": json.loads(forged.to_json())}, target="bayi-2")
+    with pytest.raises(CenterError, match="already issued to dealer bayi-1"):
+        pub.sign_allowance("bayi-1", "A-1", 999_999, T0, T0 + DAY_S)
+    assert [a.allowance_id for a in store.allowances()] == ["A-1", "A-2", "A-3"]
+    assert len(store.bundles("credit", "bayi-1")) == 1
+    res = runner.invoke(center, ["allowance", "issue", "--db", str(store.path), "--key",
+                                 str(key_file), "--dealer", "bayi-1", "--id", "A-1",
+                                 "--amount-tl", "5", "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "issued already" in str(res.exception)
+
+
+def test_dealer_report_flags_top_ups_the_issued_credit_does_not_cover(tmp_path):
+    """An honest dealer within its allowance and per-day limit (a torn load settled
+    not-charged gives its credit back) is not flagged; an insider's extra loads are, each for
+    its reason; a dealer the center never gave credit to is flagged whole."""
+    with SqliteCenterStore(tmp_path / "c.db") as s:
+        for dev in ("bayi-1", "bayi-2", "bayi-3"):
+            s.register_device(dev, "topup", public_hex(KEY))
+        pub, _ = _publisher(s)
+        asyncio.run(pub.issue_allowance("bayi-1", "A-1", 100_000, T0, T0 + 30 * DAY_S,
+                                        daily_limit=60_000))
+        asyncio.run(pub.issue_allowance("bayi-2", "A-2", 50_000, T0, T0 + 10 * DAY_S,
+                                        daily_limit=40_000))
+        h = 3600
+        honest = (topup(1, T0 + h, 30_000) + topup(3, T0 + 2 * h, 29_000)
+                  + topup(5, T0 + 3 * h, 50_000, done="not-charged")  # torn: released
+                  + topup(7, T0 + DAY_S + h, 40_000))  # the next day: 99,000 of 100,000
+        s.store_batch(batch(honest, "bayi-1"))
+        insider = (topup(1, T0 + h, 20_000) + topup(3, T0 + 2 * h, 15_000)
+                   + topup(5, T0 + 3 * h, 10_000)  # 45,000 that day: over 40,000
+                   + topup(7, T0 + DAY_S, 10_000, done=None)  # open intent: counts, 55,000
+                   + topup(8, T0 + 20 * DAY_S, 7_000)  # only A-1 (bayi-1's) covers it
+                   + topup(10, T0 + 40 * DAY_S, 3_000))  # no allowance at all covers it
+        s.store_batch(batch(insider, "bayi-2"))
+        s.store_batch(batch(topup(1, T0 + h, 1_000, dev="bayi-3"), "bayi-3"))
+        s.note_bad_batch("bayi-2", 12, 20, "batch signature does not verify")
+        report = build_report(s)
+        res = CliRunner().invoke(center, ["report", "--db", str(tmp_path / "c.db"), "--json"])
+        text = CliRunner().invoke(center, ["report", "--db", str(tmp_path / "c.db")])
+
+    dealers = {d.dealer_id: d for d in report.dealers}
+    assert report.flagged_dealers == ["bayi-2", "bayi-3"]
+    one = dealers["bayi-1"]
+    assert (one.topups, one.total, one.findings) == (3, 99_000, [])
+    assert [(a.allowance_id, a.used, a.topups) for a in one.allowances] == [("A-1", 99_000, 3)]
+    two = {f.kind: f for f in dealers["bayi-2"].findings}
+    assert sorted(two) == ["other-dealer", "outside-validity", "over-allowance",
+                           "over-daily-limit", "refused-batch"]
+    assert (two["over-allowance"].allowance_id, two["over-allowance"].amount,
+            two["over-allowance"].records) == ("A-2", 5_000, [("bayi-2", 7)])
+    assert (two["over-daily-limit"].amount, two["over-daily-limit"].records) == (
+        5_000, [("bayi-2", 5), ("bayi-2", 6)])
+    assert (two["other-dealer"].allowance_id, two["other-dealer"].records) == (
+        "A-1", [("bayi-2", 8), ("bayi-2", 9)])
+    assert "bayi-1" in two["other-dealer"].message
+    assert (two["outside-validity"].amount, two["outside-validity"].records) == (
+        3_000, [("bayi-2", 10), ("bayi-2", 11)])
+    assert "12..20" in two["refused-batch"].message
+    (three,) = dealers["bayi-3"].findings
+    assert (three.kind, three.amount, three.records) == (
+        "no-allowance", 1_000, [("bayi-3", 1), ("bayi-3", 2)])
+    # the command shows the same, as JSON and as text
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["flagged_dealers"] == ["bayi-2", "bayi-3"]
+    by_id = {d["dealer_id"]: d for d in out["dealers"]}
+    assert by_id["bayi-1"]["flagged"] is False and by_id["bayi-1"]["total"] == 99_000
+    assert sorted(f["kind"] for f in by_id["bayi-2"]["findings"]) == sorted(two)
+    assert text.exit_code == 0
+    assert "bayi-1: 3 top-up(s), 990,00 TL, matched by credit" in text.output
+    assert ("FLAG over-allowance: allowance A-2: 550,00 TL loaded against 500,00 TL issued"
+            in text.output)
+    assert "FLAG no-allowance" in text.output and "bayi-3#1" in text.output
+
+
+def test_dealer_counting_follows_the_terminal_and_the_default_daily_limit(tmp_path):
+    """What counts is what the terminal counts: an intent (also while open, also without its
+    done at the center), not a not-charged one; a done or stand-alone record whose intent
+    never arrived counts too. The per-day limit without one recorded is the report's default."""
+    from simulators.center.dealer import reconcile_dealer, topups
+
+    recs = (topup(1, T0, 1_000) + topup(3, T0, 2_000, done="not-charged")
+            + topup(5, T0, 4_000, done=None) + topup(6, T0, 8_000)[1:]  # done only
+            + [dataclasses.replace(topup(8, T0, 16_000)[0], phase="event")])
+    counted = topups(recs)
+    assert [(t.seq, t.amount, t.records) for t in counted] == [
+        (1, 1_000, (1, 2)), (5, 4_000, (5,)), (7, 8_000, (7,)), (8, 16_000, (8,))]
+    with SqliteCenterStore(tmp_path / "c.db") as s:
+        pub, _ = _publisher(s)
+        pub.sign_allowance("bayi-1", "A-1", 10**9, T0 - DAY_S, T0 + DAY_S)
+        issued = s.allowances()
+    result = reconcile_dealer("bayi-1", recs, issued, default_daily_limit=20_000)
+    assert [(f.kind, f.amount, f.allowance_id) for f in result.findings] == [
+        ("over-daily-limit", 9_000, None)]
+    assert reconcile_dealer("bayi-1", recs, issued, default_daily_limit=29_000).findings == []

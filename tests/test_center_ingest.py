@@ -235,7 +235,8 @@ def test_bundle_cli_publishes_retained(mosquitto, tmp_path):
     key = tmp_path / "center.key"
     pub = public_hex(generate_key_file(key))
     settings = tmp_path / "agent.toml"
-    settings.write_text("telemetry_s = 30\nbatch_max = 200\n")
+    # (only what a device accepts remotely: `afc bundle sign` refuses anything else)
+    settings.write_text("[telemetry]\ninterval_s = 30.0\n[batch]\nmax_records = 200\n")
     out = tmp_path / "agent.bundle"
     res = runner.invoke(bundle, ["sign", "--kind", "agent", "--version", "4", "--key", str(key),
                                  "--in", str(settings), "--out", str(out), "--target", DEV])
@@ -258,5 +259,86 @@ def test_bundle_cli_publishes_retained(mosquitto, tmp_path):
     message = run(fetch(), 10)
     got = P.decode_bundle(message.payload, load_public_key(pub), now_ms=0, device_id=DEV)
     assert (got.kind, got.version, got.body) == ("agent", 4, {"settings": {
-        "telemetry_s": 30, "batch_max": 200}})
+        "telemetry": {"interval_s": 30.0}, "batch": {"max_records": 200}}})
     assert message.retain
+
+
+# -- the monitor's persistent session (issue 5) ---------------------------------------------
+
+
+def _device_publish(broker, messages):
+    """A device publishing (topic leaf, JSON object) pairs at QoS 1 while the center may be
+    down; returns when the broker has them all."""
+    async def body():
+        async with aiomqtt.Client(broker.host, broker.port, identifier=DEV) as client:
+            for leaf, msg in messages:
+                await client.publish(f"afc/v1/dev/{DEV}/{leaf}", P.encode_json_message(
+                    {"dev": DEV, "kind": "validator", **msg}), qos=1)
+    run(body(), 15)
+
+
+async def _monitor_until(store, broker, predicate, *, persistent=True, timeout_s=10.0):
+    """Run a Monitor until ``predicate(store)`` holds (bounded), then stop it."""
+    from simulators.center.ingest import Monitor
+
+    monitor = Monitor(store, BrokerAddress(broker.host, broker.port), persistent=persistent)
+    stop = asyncio.Event()
+    task = asyncio.create_task(monitor.run(stop))
+    try:
+        await asyncio.wait_for(monitor.subscribed.wait(), 10)
+        deadline = time.monotonic() + timeout_s
+        while not predicate(store) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return predicate(store), monitor
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+
+
+def test_monitor_session_persists_so_events_sent_while_the_center_is_down_arrive(mosquitto,
+                                                                                  tmp_path):
+    """Events and telemetry published while the monitor is away are queued by the broker for
+    its persistent session and stored when it comes back; a replay of them changes nothing.
+    The same with a clean session loses them (what issue 5 reported)."""
+    from simulators.center.store import SqliteCenterStore
+
+    def events(n):
+        return lambda s: len(s.events(DEV)) >= n
+
+    with SqliteCenterStore(tmp_path / "center.db") as store:
+        store.register_device(DEV, "validator", None)
+        center_id = store.center_id()
+        ok, first = run(_monitor_until(store, mosquitto, events(0)))  # session created
+        assert ok and first.identifier == f"afc-center-monitor-{center_id}"
+        down = [("event", {"ts": 10, "event": "reader-lost", "severity": "alarm", "seq": 1,
+                           "detail": {}}),
+                ("telemetry", {"ts": 11, "uptime_s": 5, "outbox_depth": 7}),
+                ("event", {"ts": 12, "event": "reader-back", "severity": "info", "seq": 2,
+                           "detail": {}}),
+                ("event", {"ts": 13, "event": "door-open", "severity": "warning",
+                           "detail": {"door": 1}})]  # no seq: deduplicated by content
+        _device_publish(mosquitto, down)
+        ok, _ = run(_monitor_until(store, mosquitto, events(3)))
+        assert ok, store.events(DEV)
+        assert [e["event"] for e in store.events(DEV)] == ["door-open", "reader-back",
+                                                            "reader-lost"]
+        (state,) = [s for s in store.device_states() if s.device_id == DEV]
+        assert state.telemetry == {"v": 1, "dev": DEV, "kind": "validator", "ts": 11,
+                                   "uptime_s": 5, "outbox_depth": 7}
+        # the same messages again (a replay), and an older telemetry: nothing changes
+        _device_publish(mosquitto, [*down, ("telemetry", {"ts": 9, "outbox_depth": 99})])
+        ok, replayed = run(_monitor_until(store, mosquitto, lambda s: False, timeout_s=1.5))
+        assert replayed.stored == 0 and replayed.refused == 0
+        assert len(store.events(DEV)) == 3
+        (state,) = [s for s in store.device_states() if s.device_id == DEV]
+        assert state.telemetry["ts"] == 11 and state.telemetry["outbox_depth"] == 7
+
+    # a clean session (the old behaviour) loses what was published while it was away
+    with SqliteCenterStore(tmp_path / "other.db") as other:
+        assert other.center_id() != center_id  # another center, another session
+        ok, _ = run(_monitor_until(other, mosquitto, events(0), persistent=False))
+        _device_publish(mosquitto, [("event", {"ts": 20, "event": "disk-low", "seq": 9,
+                                               "severity": "warning", "detail": {}})])
+        ok, _ = run(_monitor_until(other, mosquitto, events(1), persistent=False,
+                                   timeout_s=1.5))
+        assert not ok and other.events(DEV) == []

@@ -10,12 +10,18 @@ import asyncio
 import json
 import logging
 import signal
+from typing import TYPE_CHECKING
 
 import click
 
 from edge_agent.keys import generate_key_file, load_private_key, load_public_key, public_hex
 from simulators.center.errors import CenterError
 from simulators.center.store import DEVICE_KINDS, SqliteCenterStore
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from simulators.center.mqtt import BrokerAddress
 
 __all__ = ["center"]
 
@@ -142,20 +148,171 @@ def status(db: str, as_json: bool, stale_s: int) -> None:
 @click.option("--min-travel-s", type=click.IntRange(1), default=120, show_default=True,
               help="The same card at two vehicles closer in time than this is a suspected "
               "clone.")
-def report(db: str, as_json: bool, min_travel_s: int) -> None:
+@click.option("--daily-limit-tl", type=click.IntRange(0), default=50_000, show_default=True,
+              help="Dealers' per-day top-up limit in TL where the allowance in force records "
+              "none (the terminals' [dealer] daily_limit).")
+def report(db: str, as_json: bool, min_travel_s: int, daily_limit_tl: int) -> None:
     """Reconcile: gaps in each device's sequence, and per card counter and balance
-    continuity across all devices; suspected clones with a proposed blacklist delta.
+    continuity across all devices; suspected clones with a proposed blacklist delta;
+    per dealer, top-ups not matched by the credit the center issued (no allowance, another
+    dealer's, outside its validity, over its amount, over the per-day limit) and batches
+    refused at ingest.
 
     Exit status is 0 even with findings: the report is for an operator to read.
     """
     from simulators.center.report import build_report
 
     with SqliteCenterStore(db) as store:
-        result = build_report(store, min_travel_s=min_travel_s)
+        result = build_report(store, min_travel_s=min_travel_s,
+                              default_daily_limit=daily_limit_tl * 100)
     if as_json:
         click.echo(json.dumps(result.to_json(), indent=2))
     else:
         click.echo(result.to_text())
+
+
+@center.group("allowance")
+def allowance() -> None:
+    """Dealer credit allowances the center issued (what 'report' checks top-ups against).
+
+    \b
+      afc sim center allowance issue --db center.db --key center.key --dealer bayi-017 \\
+          --id A-2026-07 --amount-tl 20000 --valid-days 30 --daily-limit-tl 5000 \\
+          --broker 127.0.0.1:1883
+      afc sim center allowance register --db center.db --key center.key --in credit.bundle
+      afc sim center allowance list --db center.db
+    """
+
+
+def _when(text: str | None, default: int) -> int:
+    import datetime as dt
+
+    if text is None:
+        return default
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: Unix seconds or ISO 8601 "
+                                 "(2026-07-01T00:00+03:00)") from None
+    if moment.tzinfo is None:
+        raise click.BadParameter(f"{text!r}: give the UTC offset, e.g. +03:00")
+    return int(moment.timestamp())
+
+
+@allowance.command("issue")
+@click.option("--db", required=True, type=click.Path(dir_okay=False), help=_DB_HELP)
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False),
+              help="The center's private key file: signs the allowance and its bundle.")
+@click.option("--dealer", "dealer_id", required=True, help="The dealer terminal's device id.")
+@click.option("--id", "allowance_id", required=True, help="A new allowance id (never reused).")
+@click.option("--amount-tl", type=click.IntRange(0), required=True,
+              help="Credit the dealer may load, in TL.")
+@click.option("--valid-from", default=None, help="Unix seconds or ISO 8601; default now.")
+@click.option("--valid-days", type=click.IntRange(1, 3660), default=30, show_default=True)
+@click.option("--daily-limit-tl", type=click.IntRange(0), default=None,
+              help="The dealer's per-day limit in TL, for the report (the terminal has its "
+              "own in its configuration).")
+@click.option("--broker", default=None, help=_BROKER_HELP + " Publish the bundle retained for "
+              "the dealer; without it, write it with --out.")
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False),
+              help="Also write the signed credit bundle here.")
+def allowance_issue(db: str, key_path: str, dealer_id: str, allowance_id: str,
+                    amount_tl: int, valid_from: str | None, valid_days: int,
+                    daily_limit_tl: int | None, broker: str | None,
+                    out_path: str | None) -> None:
+    """Sign a credit allowance and its bundle for one dealer, record it, publish it."""
+    import time
+    from pathlib import Path
+
+    from simulators.center.publisher import Publisher
+
+    if broker is None and out_path is None:
+        raise click.UsageError("give --broker (publish) or --out (write the bundle), or both")
+    key = load_private_key(key_path)
+    start = _when(valid_from, int(time.time()))
+    daily = None if daily_limit_tl is None else daily_limit_tl * 100
+    with SqliteCenterStore(db) as store:
+        if any(a.allowance_id == allowance_id for a in store.allowances()):
+            raise CenterError(f"allowance {allowance_id} was issued already: give the new "
+                              "grant a new --id")
+        payload = Publisher(store, key, None).sign_allowance(
+            dealer_id, allowance_id, amount_tl * 100, start, start + valid_days * 86400,
+            daily_limit=daily)
+        if out_path is not None:
+            Path(out_path).write_bytes(payload)
+        if broker is not None:
+            from simulators.center.mqtt import parse_broker
+
+            asyncio.run(_publish_retained(parse_broker(broker), store, key, payload))
+    click.echo(json.dumps({"allowance_id": allowance_id, "dealer_id": dealer_id,
+                           "amount": amount_tl * 100, "valid_from": start,
+                           "valid_until": start + valid_days * 86400, "daily_limit": daily,
+                           "published": broker is not None, "out": out_path}))
+
+
+async def _publish_retained(address: BrokerAddress, store: SqliteCenterStore,
+                            key: Ed25519PrivateKey, payload: bytes) -> None:
+    from simulators.center.mqtt import client_id, connect
+    from simulators.center.publisher import Publisher
+
+    async with connect(address, client_id("allowance")) as client:
+        async def publish(topic: str, data: bytes, retain: bool) -> None:
+            await client.publish(topic, data, qos=1, retain=retain, timeout=30)
+
+        await Publisher(store, key, publish).publish_payload(payload)
+
+
+@allowance.command("register")
+@click.option("--db", required=True, type=click.Path(dir_okay=False), help=_DB_HELP)
+@click.option("--key", "key_path", default=None, type=click.Path(dir_okay=False),
+              help="The center's private key file (its public half checks the signatures).")
+@click.option("--center-public", default=None,
+              help="Or the center's public key: 64 hex digits or a PEM file.")
+@click.option("--in", "in_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A signed credit bundle (afc bundle sign --kind credit) or an allowance "
+              "JSON file as a terminal without an agent reads it.")
+@click.option("--daily-limit-tl", type=click.IntRange(0), default=None,
+              help="The dealer's per-day limit in TL, for the report.")
+def allowance_register(db: str, key_path: str | None, center_public: str | None,
+                       in_path: str, daily_limit_tl: int | None) -> None:
+    """Record an allowance issued outside the publisher (signed with this center's key)."""
+    from simulators.center.dealer import register_allowance_file
+
+    if (key_path is None) == (center_public is None):
+        raise click.UsageError("give exactly one of --key and --center-public")
+    public = (load_private_key(key_path).public_key() if key_path is not None
+              else load_public_key(center_public))
+    with SqliteCenterStore(db) as store:
+        info = register_allowance_file(
+            store, in_path, public,
+            daily_limit=None if daily_limit_tl is None else daily_limit_tl * 100)
+    click.echo(f"recorded allowance {info.allowance_id} of dealer {info.dealer_id}: "
+               f"{info.amount} kuruş, valid {info.valid_from}..{info.valid_until}")
+
+
+@allowance.command("list")
+@click.option("--db", required=True, type=click.Path(exists=True, dir_okay=False), help=_DB_HELP)
+@click.option("--dealer", "dealer_id", default=None)
+@click.option("--json", "as_json", is_flag=True, help="One JSON array.")
+def allowance_list(db: str, dealer_id: str | None, as_json: bool) -> None:
+    """The allowances the center issued, oldest first."""
+    from dataclasses import asdict
+
+    with SqliteCenterStore(db) as store:
+        items = store.allowances(dealer_id)
+    if as_json:
+        click.echo(json.dumps([{k: v for k, v in asdict(a).items() if k != "signature_hex"}
+                               for a in items], indent=2))
+        return
+    for a in items:
+        click.echo(f"{a.allowance_id}  dealer {a.dealer_id}  {a.amount} kuruş  "
+                   f"valid {a.valid_from}..{a.valid_until}  daily limit "
+                   f"{a.daily_limit if a.daily_limit is not None else '-'}  ({a.source}, "
+                   f"bundle {a.bundle_version if a.bundle_version is not None else '-'})")
+    if not items:
+        click.echo("no allowances issued")
 
 
 @center.command("cmd")

@@ -16,7 +16,11 @@ storage and an eventual ack with no coordination between workers.
 
 :class:`Monitor` (a plain subscription: one per center) stores status, telemetry and events
 of devices and camera sites and verifies signed command replies; on a ``cfg-reload-request``
-event it asks the publisher to republish the full bundle of that kind.
+event it asks the publisher to republish the full bundle of that kind. Its MQTT session is
+persistent (a fixed client id per center, MQTT 5 ``clean_start=False`` with a session expiry,
+QoS 1 subscriptions: :mod:`.mqtt`), so what devices publish while the center is down is
+queued by the broker and delivered when it is back; storing is idempotent (events keyed by
+``seq``, telemetry kept only when newer), so a replay changes nothing.
 
 Run one worker as a process: ``python -m simulators.center.ingest --broker H:P --db F --key K``
 (``afc sim center run`` starts and supervises them).
@@ -57,7 +61,7 @@ from edge_agent.protocol import (
 from firmware.core.errors import CoreError
 
 from .errors import CenterError
-from .mqtt import BrokerAddress, reconnecting
+from .mqtt import DEFAULT_SESSION_EXPIRY_S, BrokerAddress, reconnecting
 from .store import CenterStore, now_ms
 
 __all__ = ["INGEST_TOPIC", "IngestStats", "IngestWorker", "Monitor", "main"]
@@ -259,7 +263,13 @@ ReplyHandler = Callable[[Reply], None]
 
 
 class Monitor:
-    """Stores status/telemetry/events and command replies (one per center)."""
+    """Stores status/telemetry/events and command replies (one per center).
+
+    ``persistent`` (the default) keeps one MQTT session per center across restarts, under
+    the client id ``identifier`` (default ``afc-center-monitor-<center id>``, from the
+    store), which the broker keeps ``session_expiry_s`` after a disconnect. Two monitors
+    with one id would take the session from each other: run one monitor per center database.
+    """
 
     def __init__(
         self,
@@ -268,9 +278,16 @@ class Monitor:
         *,
         on_reload_request: ReloadHandler | None = None,
         on_reply: ReplyHandler | None = None,
+        persistent: bool = True,
+        identifier: str | None = None,
+        session_expiry_s: int = DEFAULT_SESSION_EXPIRY_S,
     ) -> None:
         self.store = store
         self.address = address
+        self.persistent = persistent
+        self.identifier = identifier or (f"afc-center-monitor-{store.center_id()}"
+                                         if persistent else None)
+        self.session_expiry_s = session_expiry_s
         self.on_reload_request = on_reload_request
         self.on_reply = on_reply
         self.refused = 0
@@ -305,7 +322,8 @@ class Monitor:
                         raise ProtocolError("JSON signature does not verify")
                     signed = True
             if not self.store.record_json(leaf, msg, signed=signed):
-                log.debug("duplicate event: dev=%s seq=%s", dev, msg.get("seq"))
+                log.debug("duplicate %s: dev=%s seq=%s ts=%s", leaf, dev, msg.get("seq"),
+                          msg.get("ts"))
                 return None
             self.stored += 1
             if leaf == "event":
@@ -322,9 +340,14 @@ class Monitor:
 
     async def _session(self, client: aiomqtt.Client) -> None:
         self.client = client
+        # (a resumed session still has these subscriptions: subscribing again is harmless,
+        # and needed when the broker lost the session, e.g. after it expired)
         for topic in MONITOR_TOPICS:
             await client.subscribe(topic, qos=1)
         self.subscribed.set()
+        log.info("monitor subscribed: client=%s session=%s", self.identifier or "(clean)",
+                 f"persistent, expiry {self.session_expiry_s} s" if self.persistent
+                 else "clean")
         async for message in client.messages:
             out = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self.process, message.topic.value,
@@ -346,7 +369,10 @@ class Monitor:
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
-            await reconnecting(self.address, "monitor", self._session, stop)
+            await reconnecting(
+                self.address, "monitor", self._session, stop, identifier=self.identifier,
+                session_expiry_s=self.session_expiry_s if self.persistent else None,
+            )
         finally:
             self.client = None
             self.subscribed.clear()

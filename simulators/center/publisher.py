@@ -11,10 +11,17 @@ whose version is not a delta's base (it missed one) asks for a reload; :meth:`re
 then publishes a full list at the *current* version, composed from the last full list and
 the deltas after it, so the device can accept it (a re-sent old full list would be refused
 as a rollback).
+
+Every ``credit`` bundle signed or published here is also recorded as an *issued allowance*
+(:mod:`.dealer`): the reconciliation report checks the dealers' top-ups against them. A credit
+bundle whose allowance the center did not sign itself is refused before signing (every
+terminal would refuse it too). :meth:`Publisher.issue_allowance` signs a new allowance, its
+bundle for the dealer, records and publishes it in one step.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
@@ -93,7 +100,13 @@ class Publisher:
                 "would refuse it as a rollback"
             )
         bundle = Bundle(kind, version, body, now_ms(), base, target, expires)
+        if kind == "credit":  # checked before signing: devices would refuse a bad allowance
+            from .dealer import allowance_info
+
+            allowance_info(body["allowance"], self.center_key.public_key())
         payload = encode_bundle(bundle, self.center_key)
+        if kind == "credit":
+            self._record_credit(bundle)
         self.store.add_bundle(
             BundleInfo(kind, target, version, base, bundle.ts, kind != "blacklist-delta",
                        payload, None)
@@ -108,6 +121,8 @@ class Publisher:
         if self._publish is None:
             raise CenterError("this publisher has no broker connection")
         bundle = decode_bundle(payload, self.center_key.public_key(), now_ms=now_ms())
+        if bundle.kind == "credit":
+            self._record_credit(bundle)  # before it goes out: never a grant not on record
         await self._publish(bundle_topic(bundle), payload, True)
         self.store.add_bundle(
             BundleInfo(bundle.kind, bundle.target, bundle.version, bundle.base, bundle.ts,
@@ -120,6 +135,55 @@ class Publisher:
     async def publish(self, kind: str, body: Any, **options: Any) -> Bundle:
         """Sign the next version of ``kind`` and publish it."""
         return await self.publish_payload(self.sign(kind, body, **options))
+
+    # -- dealer credit ----------
+
+    def _record_credit(self, bundle: Bundle, daily_limit: int | None = None) -> None:
+        from .dealer import record_credit_bundle
+
+        record_credit_bundle(self.store, bundle, self.center_key.public_key(),
+                             daily_limit=daily_limit)
+
+    def sign_allowance(
+        self,
+        dealer_id: str,
+        allowance_id: str,
+        amount: int,
+        valid_from: int,
+        valid_until: int,
+        *,
+        daily_limit: int | None = None,
+    ) -> bytes:
+        """Sign a credit allowance (``firmware.apps.topup.CreditAllowance``, Unix seconds,
+        kuruş) and its ``credit`` bundle for the dealer's terminal, and record it as issued
+        (with the dealer's per-day limit, kuruş, when given). Returns the signed bundle."""
+        from dataclasses import replace
+
+        from firmware.apps.topup import CreditAllowance
+
+        unsigned = CreditAllowance(dealer_id, allowance_id, amount, valid_from, valid_until,
+                                   b"")
+        credit = replace(unsigned, signature=self.center_key.sign(unsigned.signed_bytes()))
+        body = {"allowance": json.loads(credit.to_json())}
+        payload = self.sign("credit", body, target=dealer_id)
+        if daily_limit is not None:
+            self._record_credit(decode_bundle(payload, self.center_key.public_key(), now_ms=0),
+                                daily_limit)
+        return payload
+
+    async def issue_allowance(
+        self,
+        dealer_id: str,
+        allowance_id: str,
+        amount: int,
+        valid_from: int,
+        valid_until: int,
+        *,
+        daily_limit: int | None = None,
+    ) -> Bundle:
+        """:meth:`sign_allowance`, then publish the bundle retained for the dealer."""
+        return await self.publish_payload(self.sign_allowance(
+            dealer_id, allowance_id, amount, valid_from, valid_until, daily_limit=daily_limit))
 
     # -- the blacklist chain ----------
 

@@ -20,6 +20,10 @@ transaction counter forward, so
 Cards with a regression or a too-fast pair are *suspected clones*; the report proposes a
 ``blacklist-delta`` body adding them (reason :data:`SUSPECTED_CLONE_REASON`), for an operator
 to review and publish (``afc bundle sign --kind blacklist-delta``).
+
+Per dealer (:mod:`.dealer`): top-ups that no allowance the center issued to that dealer
+covers, allowances loaded beyond their amount, days beyond the per-day limit, and batches
+refused at ingest.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 
 from firmware.stores.journal import PHASE_DONE, PHASE_INTENT, JournalRecord
 
+from .dealer import DEFAULT_DAILY_LIMIT, DealerReconciliation, reconcile_dealers, tl
 from .store import CenterStore
 
 __all__ = [
@@ -78,6 +83,13 @@ class Report:
     cards_seen: int
     findings: list[CardFinding] = field(default_factory=list)
     min_travel_s: int = DEFAULT_MIN_TRAVEL_S
+    dealers: list[DealerReconciliation] = field(default_factory=list)
+    default_daily_limit: int = DEFAULT_DAILY_LIMIT
+
+    @property
+    def flagged_dealers(self) -> list[str]:
+        """Dealers with top-ups their credit does not cover (or refused batches)."""
+        return [d.dealer_id for d in self.dealers if d.flagged]
 
     @property
     def suspected_clones(self) -> list[int]:
@@ -103,6 +115,9 @@ class Report:
             "suspected_clones": self.suspected_clones,
             "proposed_blacklist_delta": self.proposed_blacklist_delta,
             "min_travel_s": self.min_travel_s,
+            "dealers": [d.to_json() for d in self.dealers],
+            "flagged_dealers": self.flagged_dealers,
+            "default_daily_limit": self.default_daily_limit,
         }
 
     def to_text(self) -> str:
@@ -129,6 +144,20 @@ class Report:
             lines.append("Proposed blacklist delta (review, then sign with afc bundle sign "
                          "--kind blacklist-delta):")
             lines.append("  " + json.dumps(self.proposed_blacklist_delta))
+        if self.dealers:
+            lines.append(f"Dealers: {len(self.dealers)}, "
+                         f"{len(self.flagged_dealers)} flagged")
+        for d in self.dealers:
+            lines.append(f"  {d.dealer_id}: {d.topups} top-up(s), {tl(d.total)}, "
+                         + (f"{len(d.findings)} finding(s)" if d.flagged else "matched by credit"))
+            for a in d.allowances:
+                lines.append(f"    allowance {a.allowance_id}: {tl(a.used)} of {tl(a.amount)} "
+                             f"used, {a.topups} top-up(s), valid {a.valid_from}..{a.valid_until}")
+            for f in d.findings:
+                where = ", ".join(f"{dev}#{seq}" for dev, seq in f.records[:20])
+                more = f" +{len(f.records) - 20} more" if len(f.records) > 20 else ""
+                lines.append(f"    FLAG {f.kind}: {f.message}"
+                             + (f" [{where}{more}]" if where else ""))
         return "\n".join(lines)
 
 
@@ -239,8 +268,14 @@ def _card_findings(records: list[JournalRecord], min_travel_s: int) -> list[Card
     return out
 
 
-def build_report(store: CenterStore, *, min_travel_s: int = DEFAULT_MIN_TRAVEL_S) -> Report:
-    """Reconcile everything in ``store``."""
+def build_report(
+    store: CenterStore,
+    *,
+    min_travel_s: int = DEFAULT_MIN_TRAVEL_S,
+    default_daily_limit: int = DEFAULT_DAILY_LIMIT,
+) -> Report:
+    """Reconcile everything in ``store``. ``default_daily_limit`` (kuruş) is the dealers'
+    per-day limit where no allowance records one."""
     device_ids = sorted({d.device_id for d in store.devices()}
                         | set(getattr(store, "record_device_ids", list)()))
     devices = []
@@ -248,4 +283,5 @@ def build_report(store: CenterStore, *, min_travel_s: int = DEFAULT_MIN_TRAVEL_S
         records = list(store.records(dev))
         devices.append(reconcile_device(dev, [r.seq for r in records], records))
     cards, findings = reconcile_cards(store.records_by_card(), min_travel_s=min_travel_s)
-    return Report(devices, cards, findings, min_travel_s)
+    dealers = reconcile_dealers(store, default_daily_limit=default_daily_limit)
+    return Report(devices, cards, findings, min_travel_s, dealers, default_daily_limit)

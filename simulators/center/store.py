@@ -17,6 +17,7 @@ is what an ack promises the device before it deletes its copy.
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import threading
 import time
@@ -37,6 +38,7 @@ from firmware.stores.journal import JournalRecord
 from .errors import CenterStoreError
 
 __all__ = [
+    "AllowanceInfo",
     "BundleInfo",
     "CenterStore",
     "DeviceInfo",
@@ -102,11 +104,42 @@ class BundleInfo:
     published_ms: int | None
 
 
+@dataclass(frozen=True)
+class AllowanceInfo:
+    """A dealer credit allowance the center issued (``docs/protocol.md``, bundle ``credit``).
+
+    ``valid_from``/``valid_until`` are Unix seconds as in the allowance itself; ``daily_limit``
+    (kuruş, optional) is the center's record of the dealer's per-day limit, which the
+    allowance format does not carry (the terminal has it in its own configuration).
+    ``bundle_version`` and ``target`` say which ``credit`` bundle carried it (None for one
+    registered from an allowance file); ``source`` is ``publisher`` or ``file``.
+    """
+
+    allowance_id: str
+    dealer_id: str
+    amount: int
+    valid_from: int
+    valid_until: int
+    signature_hex: str
+    daily_limit: int | None = None
+    bundle_version: int | None = None
+    target: str | None = None
+    source: str = "publisher"
+    issued_ms: int = 0
+
+
 class CenterStore(ABC):
     """What the center keeps. Every method is safe to call from several processes at once
     on the same store; each call is one transaction."""
 
     _key_cache: dict[str, Ed25519PublicKey | None]
+
+    # -- identity ----------
+    @abstractmethod
+    def center_id(self) -> str:
+        """A random id made once per center database and kept in it: the monitor's fixed
+        MQTT client id is built from it, so the same center gets its persistent session
+        back after a restart while two centers (two databases) never share one."""
 
     # -- registry ----------
     @abstractmethod
@@ -178,7 +211,9 @@ class CenterStore(ABC):
     # -- status, telemetry, events ----------
     @abstractmethod
     def record_json(self, leaf: str, msg: Mapping[str, Any], *, signed: bool) -> bool:
-        """Store a status/telemetry/event message; False for a duplicate event (same seq)."""
+        """Store a status/telemetry/event message; False when it changed nothing: a duplicate
+        event (same seq, or for an event without seq the same time, name and detail) or a
+        telemetry report not newer than the one kept. Replays are harmless."""
 
     @abstractmethod
     def device_states(self) -> list[DeviceState]: ...
@@ -198,6 +233,17 @@ class CenterStore(ABC):
     @abstractmethod
     def bundles(self, kind: str, target: str | None = None) -> list[BundleInfo]:
         """Version history of ``kind`` for ``target`` (None: the fleet), oldest first."""
+
+    # -- dealer credit ----------
+    @abstractmethod
+    def add_allowance(self, info: AllowanceInfo) -> bool:
+        """Record an issued allowance; False if the same allowance was recorded before.
+        The same id with other contents is refused (:class:`CenterStoreError`): an allowance
+        id names one grant, whatever bundle carries it."""
+
+    @abstractmethod
+    def allowances(self, dealer_id: str | None = None) -> list[AllowanceInfo]:
+        """Issued allowances (of one dealer, or all), in the order they were issued."""
 
     # -- commands ----------
     @abstractmethod
@@ -379,6 +425,18 @@ class SqliteCenterStore(CenterStore):
         )
         db["nonces"].create({"device_id": str, "last_nonce": int}, pk="device_id",
                             if_not_exists=True)
+        db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+        conn = self._conn
+        conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('center_id', ?)",
+                     (secrets.token_hex(6),))
+        db["allowances"].create(
+            {"allowance_id": str, "dealer_id": str, "amount": int, "valid_from": int,
+             "valid_until": int, "signature": str, "daily_limit": int, "bundle_version": int,
+             "target": str, "source": str, "issued_ms": int},
+            pk="allowance_id",
+            not_null=["dealer_id", "amount", "valid_from", "valid_until", "signature"],
+            if_not_exists=True,
+        )
         db["commands"].create(
             {"device_id": str, "cmd_id": str, "name": str, "args_json": str, "nonce": int,
              "ts": int, "expires": int},
@@ -389,6 +447,11 @@ class SqliteCenterStore(CenterStore):
              "ts": int, "received_ms": int},
             pk=("device_id", "cmd_id"), if_not_exists=True,
         )
+
+    # -- identity ----------
+
+    def center_id(self) -> str:
+        return str(self._read("SELECT value FROM meta WHERE key = 'center_id'")[0][0])
 
     # -- registry ----------
 
@@ -525,6 +588,11 @@ class SqliteCenterStore(CenterStore):
         return {str(w): n for w, n in self._read(
             "SELECT worker, count(*) FROM records GROUP BY worker")}
 
+    def topup_device_ids(self) -> list[str]:
+        """Devices that journaled top-ups (dealer terminals, and anything posing as one)."""
+        return [r[0] for r in self._read(
+            "SELECT DISTINCT device_id FROM records WHERE kind = 'topup' ORDER BY 1")]
+
     def record_device_ids(self) -> list[str]:
         return [r[0] for r in self._read("SELECT DISTINCT device_id FROM records ORDER BY 1")]
 
@@ -551,21 +619,31 @@ class SqliteCenterStore(CenterStore):
                     (state, sw, msg["ts"], text, dev),
                 )
             elif leaf == "telemetry":
-                conn.execute(
+                # newest wins: a replayed or late (older) report changes nothing
+                cur = conn.execute(
                     "UPDATE device_state SET telemetry_ts = ?, telemetry_json = ? "
-                    "WHERE device_id = ? AND coalesce(telemetry_ts, -1) <= ?",
+                    "WHERE device_id = ? AND coalesce(telemetry_ts, -1) < ?",
                     (msg["ts"], text, dev, msg["ts"]),
                 )
+                if cur.rowcount == 0:
+                    return False
             elif leaf == "event":
                 seq = msg.get("seq") if type(msg.get("seq")) is int else None
                 detail = msg.get("detail")
+                detail_json = json.dumps(detail if isinstance(detail, dict) else {},
+                                         ensure_ascii=False)
+                event_name = str(msg.get("event"))[:64]
+                if seq is None and conn.execute(
+                    "SELECT 1 FROM events WHERE device_id = ? AND seq IS NULL AND ts = ? "
+                    "AND event = ? AND detail_json = ? LIMIT 1",
+                    (dev, msg["ts"], event_name, detail_json),
+                ).fetchone():
+                    return False  # an event without seq delivered again (a replayed session)
                 cur = conn.execute(
                     "INSERT OR IGNORE INTO events (device_id, seq, ts, event, severity, "
                     "detail_json, signed, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (dev, seq, msg["ts"], str(msg.get("event"))[:64],
-                     str(msg.get("severity", "info"))[:16],
-                     json.dumps(detail if isinstance(detail, dict) else {}, ensure_ascii=False),
-                     int(signed), received),
+                    (dev, seq, msg["ts"], event_name, str(msg.get("severity", "info"))[:16],
+                     detail_json, int(signed), received),
                 )
                 if cur.rowcount == 0:
                     return False
@@ -632,6 +710,48 @@ class SqliteCenterStore(CenterStore):
         )
         return [BundleInfo(r[0], r[1] or None, r[2], r[3], r[4], bool(r[5]), r[6], r[7])
                 for r in rows]
+
+    # -- dealer credit ----------
+
+    _ALLOWANCE_COLUMNS = ("allowance_id", "dealer_id", "amount", "valid_from", "valid_until",
+                          "signature", "daily_limit", "bundle_version", "target", "source",
+                          "issued_ms")
+
+    def add_allowance(self, info: AllowanceInfo) -> bool:
+        grant = (info.dealer_id, info.amount, info.valid_from, info.valid_until,
+                 info.signature_hex.lower())
+        with self._write("add allowance") as conn:
+            row = conn.execute(
+                "SELECT dealer_id, amount, valid_from, valid_until, signature, daily_limit "
+                "FROM allowances WHERE allowance_id = ?", (info.allowance_id,),
+            ).fetchone()
+            if row is not None:
+                if tuple(row[:5]) != grant:
+                    raise CenterStoreError(
+                        f"allowance {info.allowance_id} was already issued to dealer {row[0]} "
+                        f"for {row[1]} kuruş, {row[2]}..{row[3]}: give a new grant a new "
+                        "allowance id"
+                    )
+                if info.daily_limit is not None and info.daily_limit != row[5]:
+                    conn.execute("UPDATE allowances SET daily_limit = ? WHERE allowance_id = ?",
+                                 (info.daily_limit, info.allowance_id))
+                return False
+            conn.execute(
+                f"INSERT INTO allowances ({', '.join(self._ALLOWANCE_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(self._ALLOWANCE_COLUMNS))})",
+                (info.allowance_id, *grant, info.daily_limit, info.bundle_version,
+                 info.target, info.source, info.issued_ms or now_ms()),
+            )
+        return True
+
+    def allowances(self, dealer_id: str | None = None) -> list[AllowanceInfo]:
+        sql = f"SELECT {', '.join(self._ALLOWANCE_COLUMNS)} FROM allowances"
+        params: tuple[Any, ...] = ()
+        if dealer_id is not None:
+            sql += " WHERE dealer_id = ?"
+            params = (dealer_id,)
+        rows = self._read(sql + " ORDER BY issued_ms, rowid", params)
+        return [AllowanceInfo(*row) for row in rows]
 
     # -- commands ----------
 
