@@ -61,6 +61,7 @@ __all__ = [
     "Command",
     "Reply",
     "cfg_topic",
+    "check_blacklist_entry",
     "decode_ack",
     "decode_batch",
     "decode_bundle",
@@ -81,6 +82,7 @@ __all__ = [
     "parse_cfg_topic",
     "parse_dev_topic",
     "peek_batch_range",
+    "peek_bundle",
     "record_columns",
     "sign_message",
     "verify_json_signature",
@@ -1158,6 +1160,12 @@ def _unpack_cards(data: Any, what: str) -> list[int]:
     return [x & mask for x in itertools.accumulate(deltas, operator.add)]
 
 
+def check_blacklist_entry(entry: Any, what: str) -> tuple[int, int, bytes | None]:
+    """One blacklist entry as every device decoder takes it: ``(card number u64, reason
+    u16, UID of 4, 7 or 10 bytes or None)``; :class:`ProtocolError` naming ``what``."""
+    return _check_entry(entry, what)
+
+
 def _check_entry(entry: Any, what: str) -> tuple[int, int, bytes | None]:
     try:
         number, reason, uid = entry
@@ -1334,18 +1342,39 @@ def decode_bundle(
     """Verify and decode a bundle. :class:`Expired` past ``expires``; :class:`ProtocolError`
     if it targets a device other than ``device_id`` (None: accept any target)."""
     msg = open_message(payload, "bundle", center_public, max_bytes=MAX_BUNDLE_BYTES)
-    kind, version = msg.get("kind"), msg.get("version")
-    base, target, expires = msg.get("base"), msg.get("target"), msg.get("expires")
-    _check_bundle_header(kind, version, base, target, expires)
-    ts = _int(msg, "ts", f"{kind} bundle")
+    kind, version, base, target, expires, ts = _bundle_header(msg)
     if target is not None and device_id is not None and target != device_id:
         raise ProtocolError(f"{kind} bundle {version} is for device {target!r}, not {device_id!r}")
     if expires is not None and now_ms > expires:
         raise Expired(f"{kind} bundle {version} expired at {expires} (now {now_ms})")
+    return Bundle(kind, version, _bundle_body(msg, kind), ts, base, target, expires)
+
+
+def peek_bundle(payload: bytes) -> Bundle:
+    """Decode a signed bundle WITHOUT verifying its signature, target or expiry: for tools
+    that show or compare bundles when no center key is at hand (``afc bundle diff``). Never
+    the way to apply one: devices use :func:`decode_bundle`."""
+    if len(payload) > MAX_BUNDLE_BYTES:
+        raise ProtocolError(f"bundle of {len(payload)} bytes is over {MAX_BUNDLE_BYTES}")
+    msg = _loads(payload, "bundle")
+    if not isinstance(msg, dict) or msg.get("t") != "bundle":
+        raise ProtocolError("not a signed bundle")
+    kind, version, base, target, expires, ts = _bundle_header(msg)
+    return Bundle(kind, version, _bundle_body(msg, kind), ts, base, target, expires)
+
+
+def _bundle_header(msg: Mapping[str, Any]) -> tuple[Any, ...]:
+    kind, version = msg.get("kind"), msg.get("version")
+    base, target, expires = msg.get("base"), msg.get("target"), msg.get("expires")
+    _check_bundle_header(kind, version, base, target, expires)
+    return kind, version, base, target, expires, _int(msg, "ts", f"{kind} bundle")
+
+
+def _bundle_body(msg: Mapping[str, Any], kind: str) -> Any:
     if msg.get("z") != "deflate":
         raise ProtocolError(f"{kind} bundle: unknown compression {msg.get('z')!r:.20}")
     wire = _load_body(msg.get("body"), MAX_BUNDLE_BODY_BYTES, f"{kind} bundle")
-    return Bundle(kind, version, _body_from_wire(kind, wire), ts, base, target, expires)
+    return _body_from_wire(kind, wire)
 
 
 # --------------------------------------------------------------------------------------------
