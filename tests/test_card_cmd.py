@@ -434,20 +434,54 @@ def test_cards_carry_their_key_version_and_both_stay_readable_after_rotation(rot
         assert report["verdict"]["state"] == "consistent"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "firmware/apps/validator.py reads a card only with the store's current key version "
-    "(Purse(access, self.keys)); after 'afc keys rotate' a card issued under the previous "
-    "version is refused as 'not our card'. Needed: on AuthenticationError, re-activate the "
-    "card and retry with the older versions the store holds (tools/card_cmd.probe does this)"))
+FULL_FARE = tariffs.load("konya-2025").leg_fare("merkez", "full")
+
+
 def test_a_validator_reads_cards_of_both_key_versions_after_rotation(rotated, store, tmp_path):
     _, old, new = rotated
     keys = FileKeyStore.open(store)
     validator, db = _validator(tmp_path, keys)
     with db:
         out = validator.tap(_field_access(new))
-        assert out.accepted, out
+        assert out.accepted and out.key_version is None, out
         out = validator.tap(_field_access(old))
-        assert out.accepted, out
+        assert out.accepted and out.key_version == 1, out
+        assert out.balance == 5000 - FULL_FARE
+        assert db.journal.verify() == [] and db.journal.open_intents() == []
+    # the old card was charged under its own version and stays there: never re-keyed mid-tap
+    assert read_back(old, keys, version=1).balance == 5000 - FULL_FARE
+    with pytest.raises(AuthenticationError):
+        read_back(old, keys)
+    assert read_back(new, keys).balance == 5000 - FULL_FARE
+
+
+@pytest.mark.parametrize("mode", ["chip", "transparent"])
+def test_a_validator_on_the_pn532_reads_both_key_versions_after_rotation(rotated, store,
+                                                                          tmp_path, mode):
+    """The same through the real driver and the emulator: a failed authentication silences
+    the card, and the validator activates it again the way each reader mode needs (the
+    chip's RF field cycled and the card listed again; or WUPA/SELECT over the raw frames)."""
+    from firmware.apps.cards import Pn532CardSource
+    from firmware.reader.driver import Pn532
+
+    r, old, new = rotated
+    keys = FileKeyStore.open(store)
+    config = ValidatorConfig("bus-42-v1", 11, 42, 42, "merkez")
+    saved: list[int] = []
+    clock = GuardedClock(lambda: saved[-1] if saved else None, saved.append)
+    with Pn532.open(r.url, response_timeout=2.0) as pn, \
+            DeviceDatabase.open(tmp_path / "v.db", device_id="bus-42-v1",
+                                journal_key=keys) as db:
+        pn.set_max_retries(passive=1)
+        validator = Validator(config, Pn532CardSource(pn, mode), db, keys,
+                              tariffs.load("konya-2025"), RecordingUi(), clock)
+        for number, version in ((1, 1), (2, None)):
+            r.only(number)
+            out = validator.poll()
+            assert out is not None and out.accepted, (mode, number, out)
+            assert out.key_version == version and out.balance == 5000 - FULL_FARE
+    assert r.call(lambda: read_back(old, keys, version=1)).balance == 5000 - FULL_FARE
+    assert r.call(lambda: read_back(new, keys)).balance == 5000 - FULL_FARE
 
 
 def test_a_pinned_store_is_what_a_card_of_an_older_version_needs():

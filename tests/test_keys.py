@@ -30,8 +30,10 @@ from firmware.core.keys import (
     KeyedCmac,
     KeyStore,
     MemoryKeyStore,
+    PinnedKeyStore,
     aes_cmac,
     an10922_aes128,
+    card_key_versions,
     classic_sector_key,
     classic_system_id,
     cmac_subkeys,
@@ -740,3 +742,54 @@ def test_cli_help(afc, command: list[str]) -> None:
 
 def test_core_errors_are_what_the_cli_turns_into_one_line() -> None:
     assert issubclass(KeyStoreError, CoreError) and issubclass(CodecError, CoreError)
+
+
+# --- card key versions: what a device tries on a card, and a card's view of the store ------
+
+ROTATED_STORE = MemoryKeyStore(
+    {"classic-sector": {1: bytes(16), 2: bytes(range(16)), 3: bytes(range(1, 17))},
+     "purse-mac": {1: bytes(16), 2: bytes(range(16)), 3: bytes(range(2, 18))},
+     "journal-mac": {1: bytes(16), 4: bytes(range(3, 19))}},
+    current={"classic-sector": 2, "purse-mac": 2},
+)
+
+
+def test_card_key_versions_try_the_current_one_first_then_newest_first():
+    assert card_key_versions(ROTATED_STORE) == [2, 3, 1]  # version 3 held, not yet current
+    # a version held of one card key only is no card's version: a card needs both
+    lopsided = MemoryKeyStore({"classic-sector": {1: bytes(16), 2: bytes(range(16))},
+                               "purse-mac": {1: bytes(16)}}, current={"classic-sector": 1})
+    assert card_key_versions(lopsided) == [1]
+
+
+def test_a_pinned_store_pins_the_card_keys_and_nothing_else():
+    uid = h("04A1B2C3")
+    pinned = PinnedKeyStore(ROTATED_STORE, 1)
+    assert pinned.current_version(CLASSIC_KEY_NAME) == pinned.current_version(
+        PURSE_MAC_KEY_NAME) == 1
+    assert pinned.current_version("journal-mac") == 4  # not a card key: the store's own
+    assert pinned.classic_key(uid, 8, "B") == ROTATED_STORE.classic_key(uid, 8, "B",
+                                                                        key_version=1)
+    assert pinned.cmac(PURSE_MAC_KEY_NAME, b"x") == ROTATED_STORE.cmac(
+        PURSE_MAC_KEY_NAME, b"x", key_version=1)
+    assert pinned.cmac("journal-mac", b"x") == ROTATED_STORE.cmac("journal-mac", b"x")
+    # an explicit version is still honoured
+    assert pinned.classic_key(uid, 8, "B", key_version=3) == ROTATED_STORE.classic_key(
+        uid, 8, "B", key_version=3)
+    assert pinned.names() == ROTATED_STORE.names()
+    assert pinned.versions(CLASSIC_KEY_NAME) == [1, 2, 3]
+    with pytest.raises(KeyStoreError, match="no version 5"):
+        PinnedKeyStore(ROTATED_STORE, 5)
+    with pytest.raises(KeyStoreError):
+        pickle.dumps(pinned)
+    assert "v1" in repr(pinned)
+    for key in (bytes(range(16)), bytes(range(1, 17))):
+        assert key.hex() not in repr(pinned).lower()
+
+
+def test_the_office_tool_uses_the_same_pinned_store():
+    """``afc card`` and the devices share one implementation (tools.card_cmd re-exports it)."""
+    from tools import card_cmd
+
+    assert card_cmd.PinnedKeyStore is PinnedKeyStore
+    assert card_cmd.card_key_versions is card_key_versions

@@ -15,11 +15,13 @@ import csv
 import io
 import json
 import os
+import sqlite3
 import ssl
 import stat
 import threading
 import time
 import tomllib
+from collections import Counter
 from pathlib import Path
 
 import click
@@ -34,8 +36,10 @@ from edge_agent.keys import load_private_key, public_hex
 from edge_agent.pki import LocalCa
 from edge_agent.settings import load_settings
 from edge_agent.tls import client_ssl_context
-from firmware.core.keys import FileKeyStore
-from firmware.stores.database import DeviceDatabase
+from firmware.core.keys import FileKeyStore, KeyStore, MemoryKeyStore
+from firmware.stores.database import DeviceDatabase, JournalMac
+from firmware.stores.errors import JournalTampered
+from firmware.stores.journal import canonical_bytes
 from simulators.broker import BrokerTls, MosquittoBroker, free_port
 from tools import device_cmd
 from tools.cli import AfcGroup
@@ -114,7 +118,7 @@ def test_export_public_gives_names_versions_and_kcvs_never_keys(store):
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o644, 0o660])
 @pytest.mark.parametrize("command", [("keys", "list"), ("keys", "export-public"),
-                                     ("keys", "rotate", "journal-mac", "--journal-drained")])
+                                     ("keys", "rotate", "journal-mac")])
 def test_a_store_readable_by_others_is_refused_with_the_chmod_to_run(store, mode, command):
     store.chmod(mode)
     before = store.read_bytes()
@@ -152,7 +156,6 @@ def test_rotate_refuses_what_would_break_cards(store):
                    "rotate them together: afc keys rotate classic-sector purse-mac")
     one_line_error(run("keys", "rotate", "no-such-key", "--store", store),
                    "no key named 'no-such-key'")
-    one_line_error(run("keys", "rotate", "journal-mac", "--store", store), "--journal-drained")
     assert store.read_bytes() == before
 
 
@@ -489,17 +492,107 @@ def test_a_journal_written_across_a_journal_key_rotation_still_verifies(device_d
     assert info["mac_bad"] == [] and info["mac_by_version"] == {"1": 8, "2": 2}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "firmware/stores/database.py _mac_function verifies with the current journal-mac "
-    "version only: after 'afc keys rotate journal-mac' every older record fails "
-    "Journal.verify()/records(verify=True)/open_intents() (JournalTampered), which would put "
-    "a validator with an open intent out of service. Needed: MAC new records with the "
-    "current version, accept a record whose MAC matches any version the store holds"))
 def test_the_device_itself_still_verifies_its_journal_after_a_journal_key_rotation(
         device_db, store):
     rotate_store(store, ["journal-mac"])
     with DeviceDatabase.open(device_db, device_id="BUS-501-V1",
                              journal_key=FileKeyStore.open(store)) as db:
+        assert db.journal.verify() == []
+
+
+class CmacCounter(KeyStore):
+    """A key store that counts the CMACs computed, by key version (None: the current)."""
+
+    def __init__(self, base: KeyStore) -> None:
+        self.base = base
+        self.calls: Counter[int | None] = Counter()
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def versions(self, name: str) -> list[int]:
+        return self.base.versions(name)
+
+    def current_version(self, name: str) -> int:
+        return self.base.current_version(name)
+
+    def diversify(self, name, uid, aid, system_id, *, key_version=None) -> bytes:
+        return self.base.diversify(name, uid, aid, system_id, key_version=key_version)
+
+    def cmac(self, name, data, *, key_version=None) -> bytes:
+        self.calls[key_version] += 1
+        return self.base.cmac(name, data, key_version=key_version)
+
+
+def test_after_a_journal_key_rotation_the_device_settles_its_old_intents_with_the_new_key(
+        device_db, store):
+    """The torn tap of card 77 (seq 7) was journaled under version 1; after the rotation the
+    device still reads it as an open intent, closes it, and MACs new records with version 2
+    only. ``afc journal`` and the device agree record by record on the version."""
+    rotate_store(store, ["journal-mac"])
+    keys = FileKeyStore.open(store)
+    with DeviceDatabase.open(device_db, device_id="BUS-501-V1", journal_key=keys) as db:
+        (intent,) = db.journal.open_intents()  # verified: JournalTampered otherwise
+        assert (intent.seq, intent.card_number) == (7, 77)
+        db.journal.done(intent.seq, "not-charged", counter_after=5)
+        tap(db, 2000, 1_700_000_300_000)
+        records = db.journal.records(0, 100)  # verified as well
+        assert db.journal.open_intents() == [] and db.journal.verify() == []
+    mac = JournalMac(keys)
+    assert mac.versions == (2, 1)
+    by_seq = {r.seq: mac.version_of(canonical_bytes(r), r.mac) for r in records}
+    assert by_seq == {**dict.fromkeys(range(1, 9), 1), 9: 2, 10: 2, 11: 2}
+    exported = run("journal", "export", "--db", device_db, "--keys", store, "--format", "json")
+    assert {r["seq"]: r["key_version"] for r in json.loads(exported.stdout)} == by_seq
+    # the new records really are under version 2: a store of version 1 alone refuses them
+    old_only = MemoryKeyStore({"journal-mac": {1: store_keys(store)["journal-mac"][1]}})
+    with DeviceDatabase.open(device_db, device_id="BUS-501-V1", journal_key=old_only) as db:
+        assert db.journal.verify() == [9, 10, 11]
+
+
+def test_after_a_journal_key_rotation_an_edited_record_still_fails(device_db, store):
+    rotate_store(store, ["journal-mac"])
+    raw = sqlite3.connect(device_db)
+    with raw:
+        assert raw.execute("UPDATE journal SET fare = fare - 500 WHERE seq = 3").rowcount == 1
+        assert raw.execute("SELECT fare FROM journal WHERE seq = 3").fetchone() == (500,)
+    raw.close()
+    with DeviceDatabase.open(device_db, device_id="BUS-501-V1",
+                             journal_key=FileKeyStore.open(store)) as db:
+        assert db.journal.verify() == [3]
+        with pytest.raises(JournalTampered):
+            db.journal.records(0, 100)
+    info = json.loads(run("journal", "inspect", "--db", device_db, "--keys", store,
+                          "--json").stdout)
+    assert info["mac_bad"] == [3] and info["mac_by_version"] == {"1": 7}
+
+
+def test_verifying_the_journal_costs_one_mac_a_record_of_the_current_key(device_db, store):
+    """Current version first: a record of the current key costs one CMAC, as before any
+    rotation; only a record of an older key costs more (one per version tried)."""
+    rotate_store(store, ["journal-mac"])
+    counting = CmacCounter(FileKeyStore.open(store))
+    with DeviceDatabase.open(device_db, device_id="BUS-501-V1", journal_key=counting) as db:
+        for i in range(4):
+            tap(db, 3000 + i, 1_700_000_400_000 + i)  # 8 records under version 2
+        counting.calls.clear()
+        db.journal.records(8, 100)
+        assert counting.calls == {None: 8}
+        counting.calls.clear()
+        assert db.journal.verify() == []
+        assert counting.calls == {None: 16, 1: 8}  # the 8 old records: current, then v1
+
+
+def test_a_plain_mac_function_verifies_under_its_one_key(device_db, store):
+    """A MAC function (a SAM's, say) knows one key: nothing older is tried behind it."""
+    keys = FileKeyStore.open(store)
+    rotate_store(store, ["journal-mac"])
+    rotated = FileKeyStore.open(store)
+    with DeviceDatabase.open(device_db, device_id="BUS-501-V1",
+                             journal_key=lambda data: rotated.cmac("journal-mac", data)) as db:
+        assert db.journal.verify() == list(range(1, 9))
+    with DeviceDatabase.open(device_db, device_id="BUS-501-V1",
+                             journal_key=lambda data: keys.cmac("journal-mac", data)) as db:
         assert db.journal.verify() == []
 
 

@@ -35,9 +35,9 @@ from firmware.core import classic_layout as layout
 from firmware.core import tariffs
 from firmware.core.anticollision import Field
 from firmware.core.card_layout import Identity, PassBlock
-from firmware.core.errors import CoreError
+from firmware.core.errors import AuthenticationError, CoreError
 from firmware.core.fares import TripRecord
-from firmware.core.keys import MemoryKeyStore
+from firmware.core.keys import KeyStore, MemoryKeyStore
 from firmware.core.purse import PRODUCT_PASS, PRODUCT_TOPUP, Purse, PurseState, purse_delta
 from firmware.stores.database import DeviceDatabase
 from firmware.stores.journal import KIND_TOPUP
@@ -73,15 +73,19 @@ class Bayi:
     def __init__(self, tmp_path, *, balance: int = 10_000, card_type: int = FULL,
                  discount_until: int | None = None, seed: int = 1,
                  allowance: CreditAllowance | None = None, daily_limit: int = 5_000_000,
-                 center_key=CENTER_KEY, card_number: int = 4_200_001) -> None:
+                 center_key=CENTER_KEY, card_number: int = 4_200_001,
+                 keys: KeyStore = KEYS, issued_under: tuple[KeyStore, int] = (KEYS, 1)
+                 ) -> None:
+        self.keys = keys  # the terminal's key store
         self.card = VirtualCard.new(layout.CardType.CLASSIC_1K, rng=random.Random(seed))
         self.field = Field([self.card])
         self.rng = random.Random(seed + 1000)
         self.source = FieldCardSource(self.field, nonce=lambda: self.rng.getrandbits(32))
         self.card_number = card_number
-        Purse(self.access(), KEYS, key_type="B").issue(
+        office, key_version = issued_under  # the office's store and its card key version
+        Purse(self.access(), office, key_type="B").issue(
             Identity(card_number, card_type, 1, NOW - 30 * DAY, NOW + 3650 * DAY,
-                     discount_until, 1, b"HOLDER01"),
+                     discount_until, key_version, b"HOLDER01"),
             balance=balance,
         )
         self.db_path = tmp_path / "bayi.db"
@@ -90,9 +94,9 @@ class Bayi:
         self.open()
 
     def open(self) -> None:
-        self.db = DeviceDatabase.open(self.db_path, device_id=DEALER, journal_key=KEYS)
+        self.db = DeviceDatabase.open(self.db_path, device_id=DEALER, journal_key=self.keys)
         self.terminal = TopupTerminal(
-            TERMINAL_ID, self.db, KEYS, TABLE, self.ui, allowance=self._allowance,
+            TERMINAL_ID, self.db, self.keys, TABLE, self.ui, allowance=self._allowance,
             center_key=self._center_key, daily_limit=self._daily_limit,
         )
 
@@ -535,3 +539,76 @@ def test_pruning_acknowledged_records_does_not_give_credit_back(tmp_path):
     bayi.db.journal.mark_acked(bayi.db.journal.last_seq)
     bayi.db.journal.prune_acked()
     assert bayi.terminal.credit_left(NOW) == 4_000
+
+
+# -- key rotation: cards issued before ``afc keys rotate`` (issue 7) ---------------------------
+
+#: The terminal's store after ``afc keys rotate classic-sector purse-mac``: version 1 (every
+#: card of :class:`Bayi` was issued under it) kept, version 2 current.
+ROTATED = MemoryKeyStore({
+    "classic-sector": {1: bytes(range(16)), 2: bytes(range(100, 116))},
+    "purse-mac": {1: bytes(range(16, 32)), 2: bytes(range(116, 132))},
+    "journal-mac": bytes(range(32, 48)),
+})
+
+
+def not_rekeyed(bayi: Bayi) -> None:
+    """The card still opens under version 1 alone and not under the current version 2."""
+    assert bayi.read().identity.key_version == 1
+    with pytest.raises(AuthenticationError):
+        Purse(bayi.access(), ROTATED, key_type="A").read()
+
+
+def test_a_card_of_the_previous_key_version_is_loaded_under_its_own_version(tmp_path):
+    bayi = Bayi(tmp_path, balance=10_000, allowance=allowance(1_000_000), keys=ROTATED)
+    receipt = bayi.load(5_000)
+    assert receipt.key_version == 1 and receipt.balance_after == 15_000
+    assert "key" not in receipt.text().lower()  # nothing for the customer to see
+    assert bayi.read().balance == 15_000
+    not_rekeyed(bayi)
+    receipt = bayi.sell_pass(PASS_MONTHLY, NOW + 60)
+    assert receipt.key_version == 1 and bayi.read().pass_block.product_id == PASS_MONTHLY
+    not_rekeyed(bayi)
+    assert bayi.terminal.credit_left(NOW + 60) == 1_000_000 - 5_000 - receipt.amount
+    assert bayi.db.journal.verify() == [] and bayi.db.journal.open_intents() == []
+    # a card of the current version on the same terminal: nothing older is tried
+    (tmp_path / "v2").mkdir()
+    fresh = Bayi(tmp_path / "v2", balance=0, allowance=allowance(1_000_000), keys=ROTATED,
+                 issued_under=(ROTATED, 2), seed=7)
+    assert fresh.load(1_000).key_version is None
+    assert Purse(fresh.access(), ROTATED).read().balance == 1_000
+
+
+def test_a_torn_top_up_of_an_old_version_card_is_settled_under_that_version(tmp_path):
+    """Tear the load at every frame of its card writes; the next load settles the intent
+    from the card and writes under version 1 again."""
+    (tmp_path / "probe").mkdir()
+    probe = Bayi(tmp_path / "probe", allowance=allowance(ALLOWED), keys=ROTATED)
+    access = probe.access()
+    start = probe.card.counters.frames
+    probe.terminal.load(access, AMOUNT, NOW)
+    total = probe.card.counters.frames - start  # frames of a whole load, old-version card
+    outcomes = set()
+    for k in range(1, total):  # the last frame's ACK getting out is a complete load
+        where = tmp_path / f"k{k}"
+        where.mkdir()
+        bayi = Bayi(where, balance=10_000, seed=k, allowance=allowance(ALLOWED), keys=ROTATED)
+        access = bayi.access()
+        bayi.card.faults.tear_after(k)
+        with pytest.raises(CoreError):
+            bayi.terminal.load(access, AMOUNT, NOW)
+        bayi.card.faults.clear()
+        intents = bayi.db.journal.open_intents()
+        if not intents:
+            continue  # torn while reading (before the intent): nothing to settle
+        bayi.load(1_000, NOW + 60)
+        assert bayi.db.journal.open_intents() == [], k
+        settled = next(r for r in bayi.records() if r.link == intents[0].seq)
+        loaded = settled.outcome == "ok-late"
+        outcomes.add(settled.outcome)
+        assert bayi.read().balance == 10_000 + 1_000 + (AMOUNT if loaded else 0), k
+        assert bayi.terminal.credit_left(NOW + 90) == ALLOWED - 1_000 - (
+            AMOUNT if loaded else 0), k
+        not_rekeyed(bayi)
+        assert bayi.db.journal.verify() == [], k
+    assert outcomes == {"ok-late", "not-charged"}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from firmware.apps.card_keys import reactivate
 from firmware.apps.cards import FieldCardSource
 from firmware.apps.clock import GuardedClock
 from firmware.apps.ui import RecordingUi, Signal
@@ -25,9 +26,9 @@ from firmware.core import classic_layout as layout
 from firmware.core import tariffs
 from firmware.core.anticollision import Field, select_card
 from firmware.core.card_layout import Identity
-from firmware.core.errors import NoResponseError
+from firmware.core.errors import AuthenticationError, CoreError, NoResponseError
 from firmware.core.fares import CardType, Reason, TripProduct
-from firmware.core.keys import MemoryKeyStore
+from firmware.core.keys import KeyStore, MemoryKeyStore
 from firmware.core.mifare import ClassicReader
 from firmware.core.purse import CardSnapshot, Purse, PurseState, pass_for
 from firmware.stores.database import DeviceDatabase
@@ -156,19 +157,20 @@ class Device:
     db: DeviceDatabase | None = None
     v: Validator | None = None
     ui: RecordingUi | None = None
+    keys: KeyStore = KEYS
 
     def __post_init__(self) -> None:
         self.start()
 
     def start(self) -> None:
         self.db = DeviceDatabase.open(self.path, device_id=self.config.device_id,
-                                      journal_key=KEYS)
+                                      journal_key=self.keys)
         self.ui = RecordingUi()
         clock = GuardedClock(lambda: self.saved_clock[-1] if self.saved_clock else None,
                              self.saved_clock.append, wall=self.wall)
         rng = random.Random(self.config.validator_id)
         source = FieldCardSource(self.air, nonce=lambda: rng.getrandbits(32))
-        self.v = Validator(self.config, source, self.db, KEYS, TABLE, self.ui, clock)
+        self.v = Validator(self.config, source, self.db, self.keys, TABLE, self.ui, clock)
 
     def restart(self) -> None:
         self.db.close()
@@ -595,9 +597,9 @@ def _setup_topup(db: DeviceDatabase) -> None:
 SCENARIOS = {"ride": None, "topup": _setup_topup}
 
 
-def _write_phase(tmp_path, scenario: str) -> tuple[int, int]:
+def _write_phase(tmp_path, scenario: str, keys: KeyStore = KEYS) -> tuple[int, int]:
     """(frames before the first intent, frames of the write phase) of a clean tap."""
-    dev = Device(FRONT, tmp_path / "probe.db", Wall())
+    dev = Device(FRONT, tmp_path / "probe.db", Wall(), keys=keys)
     try:
         if SCENARIOS[scenario]:
             SCENARIOS[scenario](dev.db)
@@ -915,3 +917,235 @@ def test_a_torn_online_pass_load_is_settled_from_the_pass_block(front, wall, mon
     outcomes = [r.outcome for r in front.journal()
                 if r.kind == KIND_ACTION_APPLIED and r.phase == PHASE_DONE]
     assert outcomes == (["ok-late"] if landed else ["not-charged", "ok"])
+
+
+# -- 6. key rotation: cards of an older card key version (issue 7) --------------------------
+
+#: The device's key store after ``afc keys rotate classic-sector purse-mac``: version 1 (what
+#: every card of :func:`make_card` was issued under) kept, version 2 current.
+V2_SECTOR, V2_MAC = bytes(range(100, 116)), bytes(range(116, 132))
+ROTATED = MemoryKeyStore({
+    "classic-sector": {1: bytes(range(16)), 2: V2_SECTOR},
+    "purse-mac": {1: bytes(range(16, 32)), 2: V2_MAC},
+    "journal-mac": bytes(range(32, 48)),
+})
+#: The same current version, never rotated: the baseline a rotated store must cost no more than.
+ONLY_V2 = MemoryKeyStore({
+    "classic-sector": {2: V2_SECTOR},
+    "purse-mac": {2: V2_MAC},
+    "journal-mac": bytes(range(32, 48)),
+})
+#: Three versions held, 3 current.
+THREE = MemoryKeyStore({
+    "classic-sector": {1: bytes(range(16)), 2: V2_SECTOR, 3: bytes(range(200, 216))},
+    "purse-mac": {1: bytes(range(16, 32)), 2: V2_MAC, 3: bytes(range(216, 232))},
+    "journal-mac": bytes(range(32, 48)),
+})
+FULL_V2 = CardSpec(2001, CardType.FULL, 10_000, seed=21)
+_issued_v2: dict[CardSpec, tuple[bytes, bytes]] = {}
+
+
+def make_v2_card(spec: CardSpec) -> VirtualCard:
+    """A card issued after the rotation: version 2 keys, and its identity says so."""
+    if spec not in _issued_v2:
+        card = VirtualCard.new(layout.CardType.CLASSIC_1K, rng=random.Random(spec.seed))
+        Purse(_reader(card), ROTATED, key_type="B").issue(
+            Identity(spec.number, spec.card_type.code, 1, NOW - 30 * DAY, spec.expires,
+                     spec.discount_until, 2, b"HOLDER02"),
+            balance=spec.balance,
+        )
+        _issued_v2[spec] = (card.uid, bytes(card.memory))
+    uid, memory = _issued_v2[spec]
+    return VirtualCard(uid, memory, rng=random.Random(spec.seed + 1000))
+
+
+class CountingKeyStore(KeyStore):
+    """A key store that counts the per-card key derivations asked of it."""
+
+    def __init__(self, base: KeyStore) -> None:
+        self.base = base
+        self.derivations = 0
+
+    def names(self) -> list[str]:
+        return self.base.names()
+
+    def versions(self, name: str) -> list[int]:
+        return self.base.versions(name)
+
+    def current_version(self, name: str) -> int:
+        return self.base.current_version(name)
+
+    def diversify(self, name, uid, aid, system_id, *, key_version=None) -> bytes:
+        self.derivations += 1
+        return self.base.diversify(name, uid, aid, system_id, key_version=key_version)
+
+    def cmac(self, name, data, *, key_version=None) -> bytes:
+        return self.base.cmac(name, data, key_version=key_version)
+
+
+def test_a_card_of_the_previous_key_version_rides_and_loads_under_its_own_version(
+        tmp_path, wall):
+    dev = Device(FRONT, tmp_path / "rotated.db", wall, keys=ROTATED)
+    try:
+        card = make_card(FULL)  # issued under version 1, before the rotation
+        _setup_topup(dev.db)  # an online load waiting: key B of version 1 as well
+        out = dev.tap(card)
+        assert out.accepted and out.key_version == 1, out.note
+        assert (out.fare, out.balance) == (FULL_FARE, FULL.balance + TOPUP - FULL_FARE)
+        snap = read(card)  # with version 1 alone
+        assert snap.state is PurseState.CONSISTENT and snap.identity.key_version == 1
+        assert (snap.balance, snap.counter) == (FULL.balance + TOPUP - FULL_FARE, 2)
+        # written back under version 1: the current version still does not open it
+        with pytest.raises(AuthenticationError):
+            Purse(_reader(card), ROTATED).read()
+        assert dev.v.keys is ROTATED, "the pinned view lasts one tap"
+        assert dev.db.journal.verify() == [] and dev.db.journal.open_intents() == []
+        assert [a.action_id for a in dev.db.actions.applied_unreported()] == ["a1"]
+        wall.advance(3600)
+        again = dev.tap(card)
+        assert again.accepted and again.key_version == 1
+        assert read(card).balance == FULL.balance + TOPUP - 2 * FULL_FARE
+        # a card issued after the rotation: the current version, nothing tried besides
+        new = make_v2_card(FULL_V2)
+        out = dev.tap(new)
+        assert out.accepted and out.key_version is None, out.note
+        assert Purse(_reader(new), ROTATED).read().balance == FULL_V2.balance - FULL_FARE
+    finally:
+        dev.db.close()
+
+
+@pytest.mark.parametrize("scenario", ["ride", "topup"])
+def test_a_torn_update_of_an_old_version_card_is_settled_under_that_version(tmp_path,
+                                                                            scenario):
+    """The tear proof of section 3 for a card read under an older version: repair, settling
+    and the re-tap's write all use the card's own version, never the current one."""
+    before_write, write_frames = _write_phase(tmp_path, scenario, ROTATED)
+    interrupted = 0
+    for k in range(1, write_frames + 1):
+        wall = Wall()
+        dev = Device(FRONT, tmp_path / f"old-{scenario}-{k}.db", wall, keys=ROTATED)
+        try:
+            if SCENARIOS[scenario]:
+                SCENARIOS[scenario](dev.db)
+            card = make_card(FULL)
+            card.faults.tear_after(before_write + k)
+            out = dev.tap(card)
+            assert card.counters.tears == 1, f"k={k}: the tear did not fire"
+            card.faults.clear()
+            torn = read(card)  # version 1 alone: old or new, nothing between
+            assert torn.purse in ({10_000, 15_000, 12_750} if scenario == "topup"
+                                  else {10_000, 10_000 - FULL_FARE}), k
+            ride_moved = torn.purse in {10_000 - FULL_FARE, 12_750}
+            assert bool(dev.db.journal.open_intents()) == bool(out.note), k
+            interrupted += bool(out.note)
+            dev.restart()
+            wall.advance(120)
+            again = dev.tap(card)
+            assert again.accepted and again.key_version == 1, (k, again)
+            _check_after_retap(dev, card, scenario, 1 + ride_moved)
+            with pytest.raises(AuthenticationError):
+                Purse(_reader(card), ROTATED).read()
+        finally:
+            dev.db.close()
+    assert interrupted == write_frames - 1, "every tear but the last frame's interrupts"
+
+
+def test_rotation_costs_a_card_of_the_current_version_nothing(tmp_path, wall):
+    """The tap of a card the current version opens is the same tap whether older versions
+    are held or not: the same frames on the air, the same key derivations."""
+    cost = {}
+    for name, keys in (("never rotated", ONLY_V2), ("rotated", ROTATED)):
+        counting = CountingKeyStore(keys)
+        dev = Device(FRONT, tmp_path / f"{name}.db", wall, keys=counting)
+        try:
+            card = make_v2_card(FULL_V2)
+            before = card.counters.frames
+            out = dev.tap(card)
+            assert out.accepted and out.key_version is None, out.note
+            cost[name] = (card.counters.frames - before, counting.derivations)
+        finally:
+            dev.db.close()
+    assert cost["rotated"] == cost["never rotated"]
+
+
+def test_a_foreign_card_costs_one_authentication_per_version_held(tmp_path, wall):
+    """Bounded: a card no version opens is tried once per version held, each try on a
+    freshly activated card; with one version held there is no second try at all."""
+    frames = {}
+    for keys in (KEYS, THREE):
+        dev = Device(FRONT, tmp_path / f"v{len(keys.versions('classic-sector'))}.db", wall,
+                     keys=keys)
+        try:
+            card = VirtualCard.new(layout.CardType.CLASSIC_1K, rng=random.Random(77))
+            selection = _selection_frames(card)
+            before = card.counters.frames
+            out = dev.tap(card)
+            assert out.note == "not our card" and not out.accepted
+            assert dev.shown == ("Geçersiz kart", "Invalid card", Signal.REJECT)
+            frames[len(keys.versions("classic-sector"))] = card.counters.frames - before
+        finally:
+            dev.db.close()
+    one_try = frames[1] - selection
+    assert one_try == 2, "AUTH, then the reader's answer the card ignores"
+    # three versions: the first try, then two more, each after a new activation
+    assert frames[3] == 3 * (selection + one_try)
+
+
+def test_an_old_version_card_counts_once_against_the_auth_limiter(tmp_path, wall):
+    """Trying the older versions is not an authentication failure: a rider with an old
+    card taps as often as anybody without being rate-limited."""
+    dev = Device(FRONT, tmp_path / "limiter.db", wall, keys=THREE)
+    try:
+        card = make_card(FULL)
+        for _ in range(8):  # more than the limiter's failures per minute
+            out = dev.tap(card)
+            assert out.key_version == 1 and out.note != "rate-limited", out
+            wall.advance(5)
+    finally:
+        dev.db.close()
+
+
+def test_a_card_pulled_between_two_key_versions_is_tap_again(tmp_path, wall):
+    dev = Device(FRONT, tmp_path / "pulled.db", wall, keys=ROTATED)
+    try:
+        card = make_card(FULL)
+        selection = _selection_frames(card)
+        card.faults.tear_after(selection + 2)  # gone after the failed version-2 AUTH
+        out = dev.tap(card)
+        assert not out.accepted and out.note.startswith("read failed"), out
+        assert dev.shown == ("Tekrar okutun", "Tap again", Signal.REJECT)
+        assert [r for r in dev.journal()] == []
+        card.faults.clear()
+        out = dev.tap(card)
+        assert out.accepted and out.key_version == 1, out.note
+    finally:
+        dev.db.close()
+
+
+def test_reactivation_refuses_another_card_in_place_of_the_one_tapped():
+    """Between two key versions the card is selected again: if another card answers (the
+    rider swapped cards), the tap stops rather than reading one card and writing another."""
+    first, second = make_card(FULL), make_card(STUDENT)
+    air = Field([first])
+    air.reset()
+    selected = select_card(air.transceive)
+    reader = ClassicReader(air.transceive, selected.uid, nonce=lambda: 1)
+    with pytest.raises(AuthenticationError):  # a wrong key: the card drops out of the session
+        reader.authenticate(4, bytes(6), "A")
+    assert reactivate(reader) is reader  # the same card: the same reader, session forgotten
+    Purse(reader, KEYS).read()  # and it reads
+    with pytest.raises(AuthenticationError):
+        reader.authenticate(4, bytes(6), "A")
+    air.cards[:] = [second]
+    second.place()
+    with pytest.raises(NoResponseError, match="another card answered"):
+        reactivate(reader)
+    air.cards[:] = []
+    with pytest.raises(NoResponseError):
+        reactivate(reader)
+
+    class Opaque:
+        uid = first.uid
+
+    with pytest.raises(CoreError, match="cannot activate a card again"):
+        reactivate(Opaque())

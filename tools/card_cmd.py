@@ -37,7 +37,14 @@ from firmware.core.card_layout import CardForged, CardMacs, Identity, PassBlock,
 from firmware.core.errors import AuthenticationError, CodecError, CoreError, KeyStoreError
 from firmware.core.fares import CardType as FareCardType
 from firmware.core.fares import TripRecord
-from firmware.core.keys import CLASSIC_KEY_NAME, PURSE_MAC_KEY_NAME, FileKeyStore, KeyStore
+from firmware.core.keys import (
+    CARD_KEY_NAMES,
+    CLASSIC_KEY_NAME,
+    FileKeyStore,
+    KeyStore,
+    PinnedKeyStore,
+    card_key_versions,
+)
 from firmware.core.mifare import ClassicAccess
 from firmware.core.purse import EMPTY_TRIP, TRANSPORT_KEY, Purse, product_of, purse_delta
 
@@ -54,8 +61,6 @@ __all__ = [
 
 log = logging.getLogger("afc.card")
 
-#: The keys whose version a card names in its identity block (sector keys and MAC keys).
-CARD_KEY_NAMES = (CLASSIC_KEY_NAME, PURSE_MAC_KEY_NAME)
 PRODUCT_NAMES = {0: "purse", 1: "pass", 2: "free", 3: "top-up", 4: "repair"}
 _IDENTITY_FMT = struct.Struct("<IBBHHHBH")  # Identity's block 4, docs/card-layout.md
 
@@ -80,50 +85,6 @@ class CardAlreadyIssued(CardCommandError):
 # -- keys -------------------------------------------------------------------------------------
 
 
-class PinnedKeyStore(KeyStore):
-    """A key store that uses one version of the card keys by default: a card's view of it.
-
-    ``Purse`` asks its store for "the current" sector and MAC keys; wrapping the store in
-    this view makes that the version the card was issued under, while the master keys stay
-    in the wrapped store (a SAM stays a SAM).
-    """
-
-    def __init__(self, base: KeyStore, version: int) -> None:
-        for name in CARD_KEY_NAMES:
-            if version not in base.versions(name):
-                raise KeyStoreError(
-                    f"key {name!r} has no version {version} (the store holds: "
-                    f"{', '.join(str(v) for v in base.versions(name))})"
-                )
-        self._base = base
-        self.version = version
-
-    def _pin(self, name: str, key_version: int | None) -> int | None:
-        if key_version is None and name in CARD_KEY_NAMES:
-            return self.version
-        return key_version
-
-    def names(self) -> list[str]:
-        return self._base.names()
-
-    def versions(self, name: str) -> list[int]:
-        return self._base.versions(name)
-
-    def current_version(self, name: str) -> int:
-        return self.version if name in CARD_KEY_NAMES else self._base.current_version(name)
-
-    def diversify(self, name: str, uid: bytes, aid: bytes, system_id: bytes, *,
-                  key_version: int | None = None) -> bytes:
-        return self._base.diversify(name, uid, aid, system_id,
-                                    key_version=self._pin(name, key_version))
-
-    def cmac(self, name: str, data: bytes, *, key_version: int | None = None) -> bytes:
-        return self._base.cmac(name, data, key_version=self._pin(name, key_version))
-
-    def __repr__(self) -> str:
-        return f"<PinnedKeyStore v{self.version} of {self._base!r}>"
-
-
 def issuing_version(store: KeyStore) -> int:
     """The card key version new cards get: the current one, which both card keys share."""
     versions = {name: store.current_version(name) for name in CARD_KEY_NAMES}
@@ -134,13 +95,6 @@ def issuing_version(store: KeyStore) -> int:
             "version for both; rotate them together (afc keys rotate classic-sector purse-mac)"
         )
     return versions[CLASSIC_KEY_NAME]
-
-
-def card_key_versions(store: KeyStore) -> list[int]:
-    """The card key versions to try on an unknown card: current first, then newest first."""
-    common = set(store.versions(CLASSIC_KEY_NAME)) & set(store.versions(PURSE_MAC_KEY_NAME))
-    current = store.current_version(CLASSIC_KEY_NAME)
-    return sorted(common, key=lambda v: (v != current, -v))
 
 
 # -- the reader -------------------------------------------------------------------------------

@@ -13,9 +13,9 @@ a running device, changes no record (SQLite may still create its -wal/-shm files
 from __future__ import annotations
 
 import csv
-import hmac
 import json
 import sqlite3
+import struct
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -26,8 +26,9 @@ from typing import Any, TextIO
 
 import click
 
-from firmware.core.keys import JOURNAL_MAC_KEY_NAME, FileKeyStore, KeyStore
+from firmware.core.keys import FileKeyStore, KeyStore
 from firmware.stores._sql import Conn
+from firmware.stores.database import JournalMac
 from firmware.stores.errors import StoreError, wrap_sqlite_error
 from firmware.stores.journal import Journal, JournalRecord, canonical_bytes
 
@@ -71,19 +72,14 @@ def open_journal(path: str | Path) -> Iterator[tuple[Journal, str]]:
         conn.close()
 
 
-def verify_record(store: KeyStore, record: JournalRecord, versions: list[int]) -> int | None:
-    """The ``journal-mac`` version whose MAC the record carries, or None if none does."""
-    data = canonical_bytes(record)
-    for version in versions:
-        expected = store.cmac(JOURNAL_MAC_KEY_NAME, data, key_version=version)
-        if isinstance(record.mac, bytes) and hmac.compare_digest(expected, record.mac):
-            return version
-    return None
-
-
-def _mac_versions(store: KeyStore) -> list[int]:
-    current = store.current_version(JOURNAL_MAC_KEY_NAME)
-    return sorted(store.versions(JOURNAL_MAC_KEY_NAME), key=lambda v: (v != current, -v))
+def verify_record(mac: JournalMac, record: JournalRecord) -> int | None:
+    """The ``journal-mac`` version whose MAC the record carries, or None if none does: what
+    the device's own journal accepts (:class:`~firmware.stores.database.JournalMac`)."""
+    try:
+        data = canonical_bytes(record)
+    except (ValueError, TypeError, AttributeError, struct.error):
+        return None  # a field of the wrong type, put there behind the device's back
+    return mac.version_of(data, record.mac)
 
 
 def iter_records(j: Journal, since: int = 0) -> Iterator[JournalRecord]:
@@ -145,7 +141,7 @@ def _counts(counts: dict[str, int]) -> str:
 
 def audit(db: str | Path, store: KeyStore) -> JournalAudit:
     """Read the whole journal once: counts, range, open intents, MAC of every record."""
-    versions = _mac_versions(store)
+    mac = JournalMac(store)
     by_kind: Counter[str] = Counter()
     by_phase: Counter[str] = Counter()
     by_outcome: Counter[str] = Counter()
@@ -163,7 +159,7 @@ def audit(db: str | Path, store: KeyStore) -> JournalAudit:
             by_kind[rec.kind] += 1
             by_phase[rec.phase] += 1
             by_outcome[rec.outcome or "-"] += 1
-            version = verify_record(store, rec, versions)
+            version = verify_record(mac, rec)
             if version is None:
                 result.mac_bad.append(rec.seq)
             else:
@@ -193,7 +189,7 @@ def export(db: str | Path, store: KeyStore, out: TextIO, fmt: str, since: int = 
            ) -> tuple[int, list[int]]:
     """Write every record after ``since`` as CSV or JSON (an array, one object per record,
     written as it is read); returns (records written, seqs whose MAC fails)."""
-    versions = _mac_versions(store)
+    mac = JournalMac(store)
     count, bad = 0, []
     with open_journal(db) as (j, _device_id):
         writer = csv.DictWriter(out, EXPORT_FIELDS, lineterminator="\n") if fmt == "csv" \
@@ -203,7 +199,7 @@ def export(db: str | Path, store: KeyStore, out: TextIO, fmt: str, since: int = 
         else:
             out.write("[")
         for rec in iter_records(j, since):
-            version = verify_record(store, rec, versions)
+            version = verify_record(mac, rec)
             if version is None:
                 bad.append(rec.seq)
             row = _row(rec, version)

@@ -21,10 +21,9 @@ import click
 from firmware.core.errors import CodecError, CoreError, KeyStoreError
 from firmware.core.keys import (
     AES128_KEY_SIZE,
+    CARD_KEY_NAMES,
     CLASSIC_KEY_NAME,
     DEFAULT_KEY_NAMES,
-    JOURNAL_MAC_KEY_NAME,
-    PURSE_MAC_KEY_NAME,
     FileKeyStore,
     KeyStore,
     classic_sector_key,
@@ -239,9 +238,6 @@ def _names(source: KeyStore) -> str:
 
 # -- public parts and rotation ------------------------------------------------------------
 
-#: The keys a card's identity block names one version for (``Identity.key_version``): its
-#: sector keys and its MAC keys come from the same generation, so they rotate together.
-CARD_KEY_NAMES = (CLASSIC_KEY_NAME, PURSE_MAC_KEY_NAME)
 #: ``Identity.key_version`` is one byte on the card.
 MAX_CARD_KEY_VERSION = 255
 #: Bytes of the key check value printed for each key version.
@@ -377,16 +373,14 @@ def rotate_store(path: str | os.PathLike[str], names: Iterable[str]) -> int:
 @click.argument("names", nargs=-1, required=True, metavar="NAME...")
 @click.option("--store", required=True, metavar="PATH", help="Key store file to change.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object instead of text.")
-@click.option("--journal-drained", is_flag=True,
-              help=f"Confirm rotating {JOURNAL_MAC_KEY_NAME!r}: every device holding this "
-              "store has had its journal acked and pruned (devices verify their journal with "
-              "the current version only).")
-def rotate(names: tuple[str, ...], store: str, as_json: bool, journal_drained: bool) -> None:
+def rotate(names: tuple[str, ...], store: str, as_json: bool) -> None:
     """Rotate keys: add a fresh random version of each NAME and make it the current one.
 
     New cards are issued under the new version and carry it in their identity block
     (key version); the old versions stay in the store so cards issued under them keep
     working. The card keys (classic-sector and purse-mac) must be rotated together.
+    Devices MAC new journal records with the current journal-mac version and verify a
+    record under any version the store holds, so journal-mac rotates at any time.
     Copy the new store to every device that holds the old one (the same file: it still
     has the old versions), back it up encrypted, and compare with 'export-public'.
     Example:
@@ -395,13 +389,6 @@ def rotate(names: tuple[str, ...], store: str, as_json: bool, journal_drained: b
       afc keys rotate classic-sector purse-mac --store /etc/afc/keys.toml
       rotated classic-sector, purse-mac to version 2 (kcv ...)
     """
-    if JOURNAL_MAC_KEY_NAME in names and not journal_drained:
-        raise KeyRotationError(
-            f"a device verifies its journal with the current {JOURNAL_MAC_KEY_NAME!r} version "
-            "only: records written before the rotation would read as tampered (and open "
-            "intents block the validator). Rotate it only on devices whose journal is acked "
-            "and pruned, then add --journal-drained"
-        )
     version = rotate_store(store, names)
     opened = FileKeyStore.open(store)
     kcvs = {n: key_check_value(opened, n, version) for n in dict.fromkeys(names)}

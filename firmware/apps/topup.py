@@ -18,6 +18,7 @@ the center settles it.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +28,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from firmware.core.card_layout import PassBlock
-from firmware.core.errors import CoreError
+from firmware.core.errors import AuthenticationError, CoreError
 from firmware.core.fares import FareTable
 from firmware.core.keys import KeyStore
 from firmware.core.mifare import ClassicAccess
@@ -43,8 +44,11 @@ from firmware.core.purse import (
 )
 from firmware.stores.journal import KIND_TOPUP, JournalRecord
 
+from .card_keys import OlderCardKeys, key_version_of
 from .ui import Signal, Ui
 from .validator import masked, tl
+
+log = logging.getLogger("afc.topup")
 
 LOCAL_TZ_NAME = "Europe/Istanbul"
 #: Outcome of the done record that settles an open intent whose write never reached the card.
@@ -105,6 +109,10 @@ class Receipt:
     balance_after: int
     journal_seq: int
     time: int
+    #: the card key version the card was read and written with, when older than the key
+    #: store's current one (a card issued before ``afc keys rotate``); None: the current
+    #: one. For the terminal's log and the tests: the customer's receipt does not show it.
+    key_version: int | None = None
 
     def text(self) -> str:
         # Konya's time, whatever zone the terminal's OS is set to
@@ -203,10 +211,22 @@ class TopupTerminal:
         if amount > room:
             raise TopupRefused(f"over the card's maximum balance: at most {tl(room)}")
 
-    def _card(self, purse: Purse, now: int) -> CardSnapshot:
-        """Read the card, finish an interrupted update, settle this terminal's open intents
-        for it; a blocked card is refused."""
-        snap = purse.read()
+    def _card(self, access: ClassicAccess, now: int) -> tuple[Purse, CardSnapshot]:
+        """Read the card (key B), finish an interrupted update, settle this terminal's open
+        intents for it; a blocked card is refused.
+
+        A card the store's current card keys do not open is tried with the older versions
+        the store holds (a card issued before ``afc keys rotate``), and the purse returned
+        then writes under the version it was read with: the card is never re-keyed here."""
+        purse = Purse(access, self.keys, key_type="B")
+        try:
+            snap = purse.read()
+        except AuthenticationError:
+            purse = OlderCardKeys.of(self.keys).open(purse)
+            snap = purse.read()
+            log.info("topup %s: card uid=%s read under card key version %d (not the current "
+                     "one): written back under it", self.db.device_id, masked(purse.uid),
+                     key_version_of(purse))
         if snap.state not in (PurseState.CONSISTENT, PurseState.GHOST_TRIP):
             snap = purse.repair(snap)
         self._settle(snap, now)
@@ -216,7 +236,7 @@ class TopupTerminal:
             raise TopupRefused("the card is on the blacklist: no loads (KONYAKART office)")
         if snap.identity.expires <= now:
             raise TopupRefused("the card has expired: the holder needs a new card")
-        return snap
+        return purse, snap
 
     def _settle(self, snap: CardSnapshot, now: int) -> None:
         journal = self.db.journal
@@ -258,8 +278,7 @@ class TopupTerminal:
 
     def load(self, access: ClassicAccess, amount: int, now: int) -> Receipt:
         """Add ``amount`` kuruş to the card's purse (key B), journaled and signed."""
-        purse = Purse(access, self.keys, key_type="B")
-        snap = self._card(purse, now)
+        purse, snap = self._card(access, now)
         self._check(amount, snap.balance, now)
         seq = self.db.journal.intent({
             "kind": KIND_TOPUP, "time": now * 1000, "card_number": snap.identity.card_number,
@@ -273,7 +292,7 @@ class TopupTerminal:
                              balance_before=snap.balance, fare=amount, product=PRODUCT_TOPUP)
         self.ui.show(f"Yüklendi {tl(amount)}", f"Bakiye {tl(new.balance)}", Signal.OK)
         return Receipt(self.terminal_id, snap.identity.card_number, bytes(access.uid), "topup",
-                       amount, new.balance, seq, now)
+                       amount, new.balance, seq, now, key_version_of(purse))
 
     def sell_pass(self, access: ClassicAccess, product_code: int, now: int) -> Receipt:
         """Sell a monthly pass: the price comes out of the dealer's credit, the pass is
@@ -281,8 +300,7 @@ class TopupTerminal:
         product = self.table.pass_product(product_code)
         if product is None:
             raise TopupRefused(f"no pass product {product_code} in tariff {self.table.name}")
-        purse = Purse(access, self.keys, key_type="B")
-        snap = self._card(purse, now)
+        purse, snap = self._card(access, now)
         pass_ = self.table.pass_for(product_code, now)
         price = pass_price(self.table, product, snap.view().card_type,
                            discount_until=snap.identity.discount_until, until=pass_.valid_until)
@@ -300,7 +318,7 @@ class TopupTerminal:
                              balance_after=snap.balance)
         self.ui.show("Abonman yüklendi", f"{tl(price)}", Signal.OK)
         return Receipt(self.terminal_id, snap.identity.card_number, bytes(access.uid), "pass",
-                       price, snap.balance, seq, now)
+                       price, snap.balance, seq, now, key_version_of(purse))
 
     def _check_credit_only(self, amount: int, now: int) -> None:
         left = self.credit_left(now)

@@ -47,6 +47,7 @@ from firmware.stores.errors import StoreError, StoreUnavailable
 from firmware.stores.journal import KIND_ACTION_APPLIED, KIND_REJECTION, KIND_REPAIR, KIND_TAP
 from firmware.stores.ratelimit import AuthFailureLimiter
 
+from .card_keys import OlderCardKeys, key_version_of
 from .cards import CardSource
 from .clock import GuardedClock
 from .ui import Signal, Ui
@@ -131,6 +132,9 @@ class TapOutcome:
     counter: int | None = None
     seqs: list[int] = field(default_factory=list)
     note: str = ""
+    #: the card key version the card was read and written with, when older than the key
+    #: store's current one (a card issued before ``afc keys rotate``); None: the current one
+    key_version: int | None = None
 
 
 class Validator:
@@ -218,7 +222,17 @@ class Validator:
             return
         purse = Purse(access, self.keys)
         try:
-            snap = purse.read()
+            try:
+                snap = purse.read()
+            except AuthenticationError:
+                # a card issued before a key rotation? the older versions held, newest first
+                # (firmware/apps/card_keys.py); never reached when the current version opens it
+                purse = OlderCardKeys.of(self.keys).open(purse)
+                snap = purse.read()
+                out.key_version = key_version_of(purse)
+                log.info("validator %s: card uid=%s read under card key version %d (not the "
+                         "current one): written back under it", self.config.device_id,
+                         masked(uid), out.key_version)
         except AuthenticationError:
             self.limiter.note_auth_failure(uid, now)
             out.note = "not our card"
@@ -239,6 +253,8 @@ class Validator:
             return
         out.card_number, out.counter, out.balance = snap.identity.card_number, snap.counter, \
             snap.balance
+        # every Purse this tap makes from here takes purse.store: for a card of an older key
+        # version, the view pinned to its version (a card is never re-keyed mid-tap)
         try:
             self._process(purse, snap, uid, now, out)
         except (CardNeedsService, CardForged) as exc:
@@ -271,7 +287,7 @@ class Validator:
             out.seqs.append(seq)
         settled = self._settle_open_intents(purse, snap, now)
         if settled is not snap:
-            purse = Purse(purse.access, self.keys)  # a key-B write moved the session
+            purse = Purse(purse.access, purse.store)  # a key-B write moved the session
         snap = settled
         # rolled back or cloned: the card is behind what this device has already seen
         seen = journal.last_counter(number)
@@ -289,7 +305,7 @@ class Validator:
             if loaded is not snap:
                 # the loader left the card authenticated elsewhere with key B: the ride
                 # starts a fresh session rather than trusting ``purse``'s idea of the sector
-                purse = Purse(purse.access, self.keys)
+                purse = Purse(purse.access, purse.store)
             snap = loaded
         decision = fares.decide(snap.view(), self.table, now, self.ctx, 1,
                                 blacklisted=blacklisted)
@@ -352,7 +368,7 @@ class Validator:
                         and action.card_seq > snap.identity.actions_applied:
                     # the load landed but the tear came before the card recorded its
                     # number: record it now, before closing the intent
-                    loader = Purse(purse.access, self.keys, key_type="B")
+                    loader = Purse(purse.access, purse.store, key_type="B")
                     snap = loader.record_action(snap, action.card_seq)
                 journal.done(intent.seq, "ok-late", counter_after=target,
                              balance_after=intent.balance_after, time=now * 1000,
@@ -393,7 +409,7 @@ class Validator:
                 log.info("action %s for card=%s is already on the card", action.action_id,
                          snap.identity.card_number)
                 continue
-            loader = Purse(purse.access, self.keys, key_type="B")
+            loader = Purse(purse.access, purse.store, key_type="B")
             base = {**self._base(snap, uid, now), "kind": KIND_ACTION_APPLIED,
                     "action_id": action.action_id}
             if action.kind == "topup":

@@ -34,6 +34,7 @@ from .errors import CodecError, KeyStoreError
 __all__ = [
     "AES128_KEY_SIZE",
     "AID_SIZE",
+    "CARD_KEY_NAMES",
     "CLASSIC_AID",
     "CLASSIC_KEY_NAME",
     "CLASSIC_KEY_SIZE",
@@ -49,8 +50,10 @@ __all__ = [
     "KeyStore",
     "KeyedCmac",
     "MemoryKeyStore",
+    "PinnedKeyStore",
     "aes_cmac",
     "an10922_aes128",
+    "card_key_versions",
     "classic_sector_key",
     "classic_system_id",
     "cmac_subkeys",
@@ -682,3 +685,75 @@ def _parse(path: Path, raw: bytes) -> tuple[dict[str, dict[int, bytes]], dict[st
         return _normalize(keys, current)
     except KeyStoreError as exc:
         bad(str(exc))
+
+
+# -- card key versions -------------------------------------------------------------------------
+
+#: The keys whose version a card names in its identity block (``Identity.key_version``): its
+#: sector keys and its MAC keys. Rotated together, since a card names one version for both.
+CARD_KEY_NAMES = (CLASSIC_KEY_NAME, PURSE_MAC_KEY_NAME)
+
+
+class PinnedKeyStore(KeyStore):
+    """A key store that uses one version of the card keys by default: a card's view of it.
+
+    ``Purse`` asks its store for "the current" sector and MAC keys; wrapping the store in
+    this view makes that the version the card was issued under, so a card issued before an
+    ``afc keys rotate`` is read and written back under its own version (never re-keyed
+    mid-tap, where a tear would leave it half under each). The master keys stay in the
+    wrapped store (a SAM stays a SAM); keys other than :data:`CARD_KEY_NAMES` pass through.
+    """
+
+    def __init__(self, base: KeyStore, version: int) -> None:
+        for name in CARD_KEY_NAMES:
+            if version not in base.versions(name):
+                raise KeyStoreError(
+                    f"key {name!r} has no version {version} (the store holds: "
+                    f"{', '.join(str(v) for v in base.versions(name))})"
+                )
+        self._base = base
+        self.version = version
+
+    def _pin(self, name: str, key_version: int | None) -> int | None:
+        if key_version is None and name in CARD_KEY_NAMES:
+            return self.version
+        return key_version
+
+    def names(self) -> list[str]:
+        return self._base.names()
+
+    def versions(self, name: str) -> list[int]:
+        return self._base.versions(name)
+
+    def current_version(self, name: str) -> int:
+        return self.version if name in CARD_KEY_NAMES else self._base.current_version(name)
+
+    def diversify(
+        self,
+        name: str,
+        uid: bytes,
+        aid: bytes,
+        system_id: bytes,
+        *,
+        key_version: int | None = None,
+    ) -> bytes:
+        return self._base.diversify(name, uid, aid, system_id,
+                                    key_version=self._pin(name, key_version))
+
+    def cmac(self, name: str, data: bytes, *, key_version: int | None = None) -> bytes:
+        return self._base.cmac(name, data, key_version=self._pin(name, key_version))
+
+    def __repr__(self) -> str:
+        return f"<PinnedKeyStore v{self.version} of {self._base!r}>"
+
+    def __reduce_ex__(self, protocol: object) -> NoReturn:
+        raise KeyStoreError("PinnedKeyStore cannot be pickled or copied")
+
+
+def card_key_versions(store: KeyStore) -> list[int]:
+    """The card key versions to try on a card of unknown version: the current one first,
+    then the older ones newest first (a card is likelier to be recent). Only versions held
+    of both card keys count: a card needs its sector keys and its MAC keys of one version."""
+    common = set(store.versions(CLASSIC_KEY_NAME)) & set(store.versions(PURSE_MAC_KEY_NAME))
+    current = store.current_version(CLASSIC_KEY_NAME)
+    return sorted(common, key=lambda v: (v != current, -v))

@@ -13,6 +13,7 @@ the connection). ``docs/stores.md`` gives the whole argument.
 
 from __future__ import annotations
 
+import hmac
 import os
 import re
 import sqlite3
@@ -33,7 +34,7 @@ from .events import EventLog
 from .journal import Journal, MacFunction
 from .schema import migrate
 
-__all__ = ["JOURNAL_MAC_KEY_NAME", "DeviceDatabase", "JournalKey"]
+__all__ = ["JOURNAL_MAC_KEY_NAME", "DeviceDatabase", "JournalKey", "JournalMac"]
 
 
 #: What ``journal_key`` accepts: a MAC function, a key store (its ``journal-mac`` key) or a
@@ -46,25 +47,72 @@ _DEVICE_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 WAL_SIZE_LIMIT = 4 * 1024 * 1024
 
 
+class JournalMac:
+    """The journal's MAC key in a key store: records are MACed with its current version, and
+    a record verifies under any version the store holds.
+
+    A device keeps its journal across ``afc keys rotate journal-mac``: the records written
+    before the rotation (unacknowledged ones, open intents a tap in doubt settles from) carry
+    MACs of an older version, and must not read as tampered. Verification tries the current
+    version first, so a record of the current key costs what it always did; the older ones,
+    newest first, only when that fails. This is the one place that says which version
+    verifies a record: ``afc journal`` asks :meth:`version_of`, the device's journal
+    (:class:`~firmware.stores.journal.Journal`, which has compared the current MAC already)
+    :meth:`older_version_of`.
+    """
+
+    __slots__ = ("_older", "_store", "current", "name")
+
+    def __init__(self, store: KeyStore, name: str = JOURNAL_MAC_KEY_NAME) -> None:
+        self._store = store
+        self.name = name
+        self.current = store.current_version(name)  # unknown key name: fail at open
+        self._older = tuple(sorted((v for v in store.versions(name) if v != self.current),
+                                   reverse=True))
+
+    @property
+    def versions(self) -> tuple[int, ...]:
+        """The versions tried, in order: the current one, then the older ones newest first."""
+        return (self.current, *self._older)
+
+    def __call__(self, data: bytes) -> bytes:
+        """The MAC of a new record: the current version."""
+        return self._store.cmac(self.name, data)
+
+    def version_of(self, data: bytes, mac: object) -> int | None:
+        """The version whose MAC over ``data`` is ``mac``; None if no version held gives it."""
+        if not isinstance(mac, bytes):
+            return None
+        if hmac.compare_digest(self._store.cmac(self.name, data), mac):
+            return self.current
+        return self.older_version_of(data, mac)
+
+    def older_version_of(self, data: bytes, mac: bytes) -> int | None:
+        """:meth:`version_of` for a ``mac`` already known not to be the current version's
+        (what a caller that MACed with :meth:`__call__` first asks: nothing computed twice)."""
+        for version in self._older:
+            expected = self._store.cmac(self.name, data, key_version=version)
+            if hmac.compare_digest(expected, mac):
+                return version
+        return None
+
+    def __repr__(self) -> str:
+        return f"<JournalMac {self.name} v{self.current}, older {list(self._older)}>"
+
+
 def _mac_function(journal_key: JournalKey | None) -> MacFunction | None:
     if journal_key is None:
         return None
     if isinstance(journal_key, KeyStore):
-        store, name = journal_key, JOURNAL_MAC_KEY_NAME
-    elif isinstance(journal_key, tuple):
+        return JournalMac(journal_key)
+    if isinstance(journal_key, tuple):
         store, name = journal_key
         if not isinstance(store, KeyStore):
             raise StoreError("journal_key tuple must be (KeyStore, key name)")
-    elif callable(journal_key):
-        return journal_key
-    else:
-        raise StoreError("journal_key must be a MAC function, a KeyStore or (KeyStore, name)")
-    store.current_version(name)  # unknown key name: fail at open, not at the first tap
-
-    def mac(data: bytes) -> bytes:
-        return store.cmac(name, data)
-
-    return mac
+        return JournalMac(store, name)
+    if callable(journal_key):
+        return journal_key  # one key, whatever computes it (a SAM): verifies under it alone
+    raise StoreError("journal_key must be a MAC function, a KeyStore or (KeyStore, name)")
 
 
 class DeviceDatabase:

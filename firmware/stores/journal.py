@@ -709,12 +709,24 @@ class Journal:
         return records
 
     def _mac_ok(self, rec: JournalRecord) -> bool:
+        """Whether ``rec`` carries the MAC this device's journal key gives it: the current
+        version (one MAC, the common case), else an older version the key store still holds
+        (a record written before ``afc keys rotate journal-mac``). Which versions, and in
+        which order, is the MAC function's to say (``database.JournalMac.older_version_of``);
+        a plain MAC function knows one key only."""
         assert self._mac is not None
         try:
-            expected = bytes(self._mac(canonical_bytes(rec)))
+            data = canonical_bytes(rec)
+            expected = bytes(self._mac(data))
         except (ValueError, TypeError, AttributeError, struct.error):
             return False
-        return isinstance(rec.mac, bytes) and hmac.compare_digest(expected, rec.mac)
+        mac = rec.mac
+        if not isinstance(mac, bytes):
+            return False
+        if hmac.compare_digest(expected, mac):
+            return True
+        older = getattr(self._mac, "older_version_of", None)
+        return older is not None and older(data, mac) is not None
 
     def _row_to_record(self, row: tuple[Any, ...]) -> JournalRecord:
         values = dict(zip(_COLUMNS, row, strict=True))
