@@ -24,10 +24,10 @@ from typing import ClassVar
 
 from firmware.core import card_layout as cl
 from firmware.core import classic_layout as layout
-from firmware.core.anticollision import select_card
-from firmware.core.errors import AuthenticationError, CoreError, NoResponseError
+from firmware.core.anticollision import masked_uid
+from firmware.core.errors import AuthenticationError, CoreError
 from firmware.core.keys import CLASSIC_KEY_NAME, KeyStore, PinnedKeyStore, card_key_versions
-from firmware.core.mifare import ClassicAccess, ClassicReader
+from firmware.core.mifare import ClassicAccess
 from firmware.core.purse import Purse
 
 __all__ = ["OlderCardKeys", "key_version_of", "reactivate"]
@@ -35,45 +35,22 @@ __all__ = ["OlderCardKeys", "key_version_of", "reactivate"]
 log = logging.getLogger("afc.card_keys")
 
 
-def _masked(uid: bytes) -> str:
-    return "…" + uid[-2:].hex().upper()
-
-
 def reactivate(access: ClassicAccess) -> ClassicAccess:
-    """A new session with the same card, after a failed authentication silenced it.
-
-    Host Crypto1 (:class:`~firmware.core.mifare.ClassicReader`, over an in-process field or a
-    PN532 in transparent mode): WUPA, anticollision and SELECT again over the same air, the
-    same reader object with its session forgotten. The PN532's own Crypto1 (chip mode): the
-    RF field is cycled and the card listed again, as ``afc card`` does at the office. An
-    access object with a ``reactivate()`` method of its own is asked instead.
+    """A new session with the same card, after a failed authentication silenced it: the
+    access object's own way (:meth:`ClassicReader.reactivate
+    <firmware.core.mifare.ClassicReader.reactivate>` re-selects over the same air; the PN532's
+    chip-crypto access cycles the field and lists the card again).
 
     :class:`~firmware.core.errors.NoResponseError` if the card left the field or another
     card answers in its place: the caller treats it as a card pulled mid-tap.
     """
     own = getattr(access, "reactivate", None)
-    if callable(own):
-        return own()
-    uid = bytes(access.uid)
-    if isinstance(access, ClassicReader):
-        # ClassicReader keeps its air private; re-selecting over it is what reset() expects
-        selected = select_card(access._transceive, wakeup=True)
-        if bytes(selected.uid) != uid:
-            raise NoResponseError(f"card {_masked(uid)} left the field: another card answered")
-        access.reset()
-        return access
-    pn532, target = getattr(access, "pn532", None), getattr(access, "target", None)
-    if pn532 is not None and target is not None:  # firmware.reader.driver.ChipCryptoClassic
-        pn532.rf_field(False)  # the card powers down and comes back ready to be selected
-        pn532.rf_field(True)
-        targets = pn532.list_passive_targets(1)
-        if not targets or bytes(targets[0].uid) != uid:
-            raise NoResponseError(f"card {_masked(uid)} left the reader during the tap")
-        return pn532.chip_classic(targets[0])
-    raise CoreError(
-        f"cannot activate a card again through {type(access).__name__}: cards of older key "
-        "versions cannot be read on this reader"
-    )
+    if not callable(own):
+        raise CoreError(
+            f"cannot activate a card again through {type(access).__name__}: cards of older "
+            "key versions cannot be read on this reader"
+        )
+    return own()
 
 
 def key_version_of(purse: Purse) -> int | None:
@@ -142,10 +119,10 @@ class OlderCardKeys:
                 except AuthenticationError:
                     continue
                 log.debug("card uid=%s opens with card key version %d (current %d)",
-                          _masked(uid), store.version, self.current)
+                          masked_uid(uid), store.version, self.current)
                 return Purse(access, store, key_type=key_type, card_type=failed.card_type)
         held = ", ".join(str(v) for v in (self.current, *self.versions))
         raise AuthenticationError(
-            f"card {_masked(uid)} opens with none of the card key versions held ({held}): not "
-            "a card of this system, or issued under keys this device's key store lacks"
+            f"card {masked_uid(uid)} opens with none of the card key versions held ({held}): "
+            "not a card of this system, or issued under keys this device's key store lacks"
         )

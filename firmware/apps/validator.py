@@ -29,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from firmware.core import fares
+from firmware.core.anticollision import masked_uid
 from firmware.core.card_layout import CardForged, PassBlock
 from firmware.core.errors import AuthenticationError, CoreError
 from firmware.core.fares import Decision, FareTable, Reason, ValidatorContext
@@ -55,9 +56,8 @@ from .ui import Signal, Ui
 log = logging.getLogger("afc.validator")
 
 
-def masked(uid: bytes) -> str:
-    """A UID for logs: its last two bytes only."""
-    return "…" + uid[-2:].hex().upper()
+#: A UID for logs (its last two bytes only); the one definition is in the anticollision layer.
+masked = masked_uid
 
 
 def tl(kurus: int) -> str:

@@ -112,6 +112,12 @@ class BccError(ProtocolError):
 # --- frames and helpers shared by both roles -----------------------------------------------
 
 
+def masked_uid(uid: bytes) -> str:
+    """A UID as logs show it: its last two bytes only ("…A1B2"). A UID identifies a card and
+    so its holder; two bytes are enough to follow one tap through the logs."""
+    return "…" + bytes(uid[-2:]).hex().upper()
+
+
 def bcc(data: bytes) -> int:
     """The block check character of one UID CLn: the XOR of its 4 bytes."""
     return data[0] ^ data[1] ^ data[2] ^ data[3]

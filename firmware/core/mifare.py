@@ -35,7 +35,7 @@ from ._framing import (
     classic_reader_read,
     classic_tag_frame,
 )
-from .anticollision import CardSelector, PiccState
+from .anticollision import CardSelector, PiccState, masked_uid, select_card
 from .classic_layout import KeyType, parse_key_type
 from .crypto1 import (
     Cipher,
@@ -140,6 +140,10 @@ class ClassicAccess(Protocol):
     def restore(self, block: int) -> None: ...
     def transfer(self, block: int) -> None: ...
     def halt(self) -> None: ...
+    def reactivate(self) -> ClassicAccess:
+        """A new session with the same card (after a failed authentication); raises
+        :class:`NoResponseError` if the card left."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +190,21 @@ class ClassicReader:
         """Forget the session: the card was re-selected, or left the field and came back."""
         self.cipher = None
         self.sector_block = None
+
+    def reactivate(self) -> ClassicReader:
+        """Select the same card again (WUPA, anticollision, SELECT) over the same air, with
+        the session forgotten: a failed authentication silences a Classic card until then.
+
+        :class:`NoResponseError` if the card left the field or another card answers in its
+        place (the caller treats it as a card pulled mid-tap).
+        """
+        selected = select_card(self._transceive, wakeup=True)
+        if bytes(selected.uid) != self.uid:
+            raise NoResponseError(
+                f"card {masked_uid(self.uid)} left the field: another card answered"
+            )
+        self.reset()
+        return self
 
     # -- plumbing -----------------------------------------------------------------------
 

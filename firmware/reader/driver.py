@@ -25,6 +25,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from firmware.core.anticollision import masked_uid
 from firmware.core.errors import (
     AuthenticationError,
     CodecError,
@@ -98,7 +99,7 @@ class Target:
 
     def masked_uid(self) -> str:
         """The UID for logs: only the last two bytes, so logs do not track card holders."""
-        return "…" + self.uid[-2:].hex().upper()
+        return masked_uid(self.uid)
 
 
 class Pn532:
@@ -541,3 +542,19 @@ class ChipCryptoClassic:
         except CommandFailed as exc:
             if exc.status != Status.TIMEOUT:
                 raise
+
+    def reactivate(self) -> ChipCryptoClassic:
+        """A new session with the same card after a failed authentication: the chip has no
+        re-select of one target, so the RF field is cycled (the card powers down and comes
+        back ready) and the card listed again, as ``afc card`` does at the office.
+
+        :class:`NoResponseError` if the card left the reader or another one answers.
+        """
+        self.pn532.rf_field(False)
+        self.pn532.rf_field(True)
+        targets = self.pn532.list_passive_targets(1)
+        if not targets or bytes(targets[0].uid) != bytes(self.uid):
+            raise NoResponseError(
+                f"card {masked_uid(self.uid)} left the reader during the tap"
+            )
+        return self.pn532.chip_classic(targets[0])
