@@ -6,11 +6,14 @@ process; ``afc sim center allowance issue`` signing each dealer's credit allowan
 it and publishing it retained for the dealer; ``python -m edge_agent`` on each dealer
 terminal, which applies the credit bundle to the device database and ships the journal;
 ``firmware.apps.topup.TopupTerminal`` loading virtual MIFARE cards against the synced
-allowance. The insider then writes extra top-ups straight into his terminal's journal with
-the right journal MAC key (a dealer with root on his own terminal): over the allowance,
-over the day's limit, after the allowance expired. He also publishes a batch not signed with
-his terminal's key. ``afc sim center report`` (text and ``--json``) must flag exactly the
-insider's records and not the honest dealer.
+allowance; every record the terminals write names the allowance it drew on
+(``action_id`` ``credit:<allowance_id>``). The insider then writes extra top-ups straight into
+his terminal's journal with the right journal MAC key (a dealer with root on his own
+terminal): naming his own allowance, over the allowance and over the day's limit; naming an
+allowance the center never issued; naming the honest dealer's allowance; and, naming none as
+an older terminal would, after his allowance expired. He also publishes a batch not signed
+with his terminal's key. ``afc sim center report`` (text and ``--json``) must flag exactly the
+insider's records, each forged allowance by its id, and not the honest dealer.
 """
 
 from __future__ import annotations
@@ -104,13 +107,14 @@ class Counter:
         self.db.close()
 
 
-def _forge(db, now: int, amount: int, *, time_s: int) -> list[int]:
-    """What the insider writes into his own journal (valid MACs, no card ever loaded)."""
+def _forge(db, now: int, amount: int, *, time_s: int, names: str | None) -> list[int]:
+    """What the insider writes into his own journal (valid MACs, no card ever loaded);
+    ``names``: the ``action_id`` (``credit:<allowance_id>``), None as an older terminal."""
     seq = db.journal.intent({
         "kind": KIND_TOPUP, "time": time_s * 1000, "card_number": 55_000_000 + amount,
         "uid": b"\x0a\x0b\x0c\x0d", "counter_before": 1, "counter_after": 2,
         "balance_before": 0, "balance_after": amount, "fare": amount,
-        "product": PRODUCT_TOPUP, "validator_id": "9023"})
+        "product": PRODUCT_TOPUP, "validator_id": "9023", "action_id": names})
     done = db.journal.done(seq, "ok", counter_after=2, balance_after=amount, balance_before=0,
                            fare=amount, product=PRODUCT_TOPUP)
     return [seq, done]
@@ -162,9 +166,17 @@ def test_center_flags_the_insiders_top_ups_and_not_the_honest_dealer(mosquitto, 
         assert honest.terminal.credit_left(now + 5) == 25_000
         insider_real = insider.load(40_000, now)  # through his terminal: within limits
         # the insider, with the journal MAC key, writes what his terminal would refuse
-        over_day = _forge(insider.db, now, 45_000, time_s=now + 1)  # 850 TL today (> 800)
-        over_credit = _forge(insider.db, now, 30_000, time_s=now + 2)  # 1150 TL (> 1000)
-        expired = _forge(insider.db, now, 5_000, time_s=now + 3 * 86400)  # after valid_until
+        own = "credit:A-023-1"  # what his terminal names
+        over_day = _forge(insider.db, now, 45_000, time_s=now + 1, names=own)  # 850 TL today
+        over_credit = _forge(insider.db, now, 30_000, time_s=now + 2, names=own)  # 1150 TL
+        expired = _forge(insider.db, now, 5_000, time_s=now + 3 * 86400,
+                         names=None)  # after valid_until, naming none (older software)
+        # ... naming an allowance the center never issued, and the honest dealer's: two
+        # days later, so neither touches a day's limit
+        never_issued = _forge(insider.db, now, 2_000, time_s=now + 3 * 86400 + 1,
+                              names="credit:A-023-9")
+        honests = _forge(insider.db, now, 3_000, time_s=now + 3 * 86400 + 2,
+                         names="credit:A-017-1")
         assert insider.db.journal.verify() == []  # the MACs are right: the device cannot tell
         # ... and a batch signed with a key that is not his terminal's
         forged = [replace(r, seq=r.seq + 500, link=None if r.link is None else r.link + 500,
@@ -188,6 +200,11 @@ def test_center_flags_the_insiders_top_ups_and_not_the_honest_dealer(mosquitto, 
                 assert wait_until(lambda dev=dev, last=last: store.upto(dev) >= last, 60,
                                   0.1), (tmp_path / f"{dev}.agent.log").read_text()[-2000:]
             assert wait_until(lambda: store.bad_batches(INSIDER) != [], 20, 0.1)
+            # the terminals' records reached the center naming their allowances
+            assert {r.action_id for r in store.records(HONEST)} == {"credit:A-017-1"}
+            assert [r.action_id for r in store.records(INSIDER)
+                    if r.seq in (insider_real, *never_issued)] == [
+                "credit:A-023-1", "credit:A-023-9", "credit:A-023-9"]
     finally:
         for counter in counters:
             counter.close()
@@ -200,11 +217,21 @@ def test_center_flags_the_insiders_top_ups_and_not_the_honest_dealer(mosquitto, 
     assert report["flagged_dealers"] == [INSIDER]
     h = dealers[HONEST]
     assert (h["flagged"], h["topups"], h["total"]) == (False, 3, 75_000)
+    # the insider's record naming the honest dealer's allowance is not counted on it
     assert [(a["allowance_id"], a["used"]) for a in h["allowances"]] == [("A-017-1", 75_000)]
     assert honest_seqs == [1, 3, 5]
     flags = {f["kind"]: f for f in dealers[INSIDER]["findings"]}
-    assert sorted(flags) == ["outside-validity", "over-allowance", "over-daily-limit",
-                             "refused-batch"]
+    assert sorted(flags) == ["other-dealer", "outside-validity", "over-allowance",
+                             "over-daily-limit", "refused-batch", "unknown-allowance"]
+    assert (flags["unknown-allowance"]["allowance_id"], flags["unknown-allowance"]["named"],
+            flags["unknown-allowance"]["amount"]) == ("A-023-9", True, 2_000)
+    assert flags["unknown-allowance"]["records"] == [[INSIDER, s] for s in never_issued]
+    assert (flags["other-dealer"]["allowance_id"], flags["other-dealer"]["named"],
+            flags["other-dealer"]["amount"]) == ("A-017-1", True, 3_000)
+    assert flags["other-dealer"]["records"] == [[INSIDER, s] for s in honests]
+    assert HONEST in flags["other-dealer"]["message"]
+    assert (flags["outside-validity"]["allowance_id"], flags["outside-validity"]["named"]) == (
+        None, False)  # the unnamed record: attributed by time, as before
     assert flags["over-daily-limit"]["records"] == [[INSIDER, s] for s in over_day + over_credit]
     assert flags["over-daily-limit"]["amount"] == 115_000 - 80_000
     assert flags["over-allowance"]["records"] == [[INSIDER, s] for s in over_credit]
@@ -215,6 +242,10 @@ def test_center_flags_the_insiders_top_ups_and_not_the_honest_dealer(mosquitto, 
     assert (INSIDER, insider_real) not in flagged  # his one real load is not in question
     text = _afc("sim", "center", "report", "--db", str(db))
     assert f"{HONEST}: 3 top-up(s), 750,00 TL, matched by credit" in text
-    assert f"{INSIDER}: 4 top-up(s), 1.200,00 TL, 4 finding(s)" in text
+    assert f"{INSIDER}: 6 top-up(s), 1.250,00 TL, 6 finding(s)" in text
     assert "FLAG over-allowance: allowance A-023-1: 1.150,00 TL loaded against 1.000,00 TL" \
         in text
+    assert ("FLAG unknown-allowance: 1 top-up(s), 20,00 TL: they name credit allowance "
+            "A-023-9, which the center never issued") in text
+    assert (f"FLAG other-dealer: 1 top-up(s), 30,00 TL: they name allowance A-017-1, issued "
+            f"to dealer {HONEST}, not to {INSIDER}") in text

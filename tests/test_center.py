@@ -329,20 +329,23 @@ T0 = 1_767_225_600  # 2026-01-01 00:00 UTC = 03:00 in Türkiye
 DAY_S = 86_400
 
 
-def topup(seq, t, amount, *, done="ok", card=4_200_001, dev="bayi-1"):
+def topup(seq, t, amount, *, done="ok", card=4_200_001, dev="bayi-1", names=None):
     """A load as firmware/apps/topup.py journals it: intent (the amount in ``fare``), then
-    done (``not-charged`` gives the credit back); ``done=None`` leaves the intent open."""
+    done (``not-charged`` gives the credit back); ``done=None`` leaves the intent open.
+    ``names``: the ``action_id`` both carry (``credit:<allowance_id>`` from a terminal that
+    names its allowance; None as from older software)."""
     intent = JournalRecord(kind="topup", seq=seq, phase="intent", time=t * 1000,
                            card_number=card, uid=b"\x01\x02\x03\x04", counter_before=1,
                            counter_after=2, balance_before=100, balance_after=100 + amount,
-                           fare=amount, product=1, validator_id="9017", device_id=dev)
+                           fare=amount, product=1, validator_id="9017", action_id=names,
+                           device_id=dev)
     if done is None:
         return [intent]
     return [intent, JournalRecord(kind="topup", seq=seq + 1, phase="done", link=seq,
                                   time=t * 1000, card_number=card, uid=b"\x01\x02\x03\x04",
                                   counter_after=2, balance_after=100 + amount,
                                   fare=amount if done != "not-charged" else 0, product=1,
-                                  outcome=done, device_id=dev)]
+                                  outcome=done, action_id=names, device_id=dev)]
 
 
 def _publisher(store):
@@ -501,3 +504,92 @@ def test_dealer_counting_follows_the_terminal_and_the_default_daily_limit(tmp_pa
     assert [(f.kind, f.amount, f.allowance_id) for f in result.findings] == [
         ("over-daily-limit", 9_000, None)]
     assert reconcile_dealer("bayi-1", recs, issued, default_daily_limit=29_000).findings == []
+
+
+def test_named_top_ups_are_checked_against_the_allowance_they_name(tmp_path):
+    """A top-up naming its allowance (``credit:<id>``) is checked against that one: never
+    issued -> unknown-allowance, another dealer's -> other-dealer, its time outside that
+    allowance -> outside-validity (even when another allowance of the dealer covers the
+    time), each naming the id; the named ones within validity sum on that allowance even
+    when a newer one covers the time. Unnamed records (older terminals) are still
+    attributed by time; the day's sum takes every top-up, as before."""
+    with SqliteCenterStore(tmp_path / "c.db") as s:
+        for dev in ("bayi-1", "bayi-2"):
+            s.register_device(dev, "topup", public_hex(KEY))
+        pub, _ = _publisher(s)
+        pub.sign_allowance("bayi-1", "A-1", 100_000, T0, T0 + 30 * DAY_S, daily_limit=150_000)
+        pub.sign_allowance("bayi-2", "A-2", 50_000, T0, T0 + 30 * DAY_S)
+        pub.sign_allowance("bayi-1", "A-1b", 100_000, T0 + 5 * DAY_S, T0 + 40 * DAY_S)
+        h = 3600
+        recs = (topup(1, T0 + h, 60_000, names="credit:A-1")
+                # A-1b is the newest covering this time: by time it would land there
+                + topup(3, T0 + 10 * DAY_S, 50_000, names="credit:A-1")
+                + topup(5, T0 + 2 * h, 7_000, names="credit:A-404", done=None)  # open intent
+                + topup(6, T0 + 3 * h, 8_000, names="credit:A-2")
+                + topup(8, T0 + 35 * DAY_S, 9_000, names="credit:A-1")  # A-1 ended; A-1b not
+                + topup(10, T0 + 4 * h, 1_000, names="web-topup-1")  # no credit reference
+                + topup(12, T0 + 11 * DAY_S, 4_000, names="credit:A-404", done="not-charged")
+                + topup(14, T0 + 20 * DAY_S, 11_000)  # unnamed: by time, to A-1b
+                + topup(16, T0 + 50 * DAY_S, 2_000))  # unnamed: no allowance covers it
+        s.store_batch(batch(recs, "bayi-1"))
+        s.store_batch(batch(topup(1, T0 + h, 5_000, dev="bayi-2", names="credit:A-2"),
+                            "bayi-2"))
+        report = build_report(s)
+        res = CliRunner().invoke(center, ["report", "--db", str(tmp_path / "c.db"), "--json"])
+        text = CliRunner().invoke(center, ["report", "--db", str(tmp_path / "c.db")])
+
+    dealers = {d.dealer_id: d for d in report.dealers}
+    assert report.flagged_dealers == ["bayi-1"]
+    two = dealers["bayi-2"]
+    assert (two.findings, [(a.allowance_id, a.used) for a in two.allowances]) == (
+        [], [("A-2", 5_000)])  # bayi-1's record naming A-2 is not counted on it
+    one = dealers["bayi-1"]
+    assert (one.topups, one.total) == (8, 148_000)  # the not-charged one gives its 40 TL back
+    assert [(a.allowance_id, a.used, a.topups) for a in one.allowances] == [
+        ("A-1", 110_000, 2), ("A-1b", 11_000, 1)]
+    found = [(f.kind, f.allowance_id, f.named, f.amount, f.records) for f in one.findings]
+    assert found == [
+        ("outside-validity", None, False, 2_000, [("bayi-1", 16), ("bayi-1", 17)]),
+        ("unknown-allowance", "A-404", True, 7_000, [("bayi-1", 5)]),
+        ("other-dealer", "A-2", True, 8_000, [("bayi-1", 6), ("bayi-1", 7)]),
+        ("unknown-allowance", "web-topup-1", True, 1_000, [("bayi-1", 10), ("bayi-1", 11)]),
+        ("outside-validity", "A-1", True, 9_000, [("bayi-1", 8), ("bayi-1", 9)]),
+        ("over-allowance", "A-1", False, 10_000, [("bayi-1", 3), ("bayi-1", 4)]),
+    ]
+    msgs = {(f.kind, f.allowance_id): f.message for f in one.findings}
+    assert "A-404, which the center never issued" in msgs[("unknown-allowance", "A-404")]
+    assert "not a credit allowance" in msgs[("unknown-allowance", "web-topup-1")]
+    assert "issued to dealer bayi-2, not to bayi-1" in msgs[("other-dealer", "A-2")]
+    assert f"valid {T0}..{T0 + 30 * DAY_S}" in msgs[("outside-validity", "A-1")]
+    # the day's sum counts every top-up, named or not, flagged or not: 76,000 on day one
+    # (60,000 + 7,000 + 8,000 + 1,000) against the 150,000 A-1 records for bayi-1
+    from simulators.center.dealer import reconcile_dealer
+
+    with SqliteCenterStore(tmp_path / "c.db") as s:
+        low = reconcile_dealer("bayi-1", s.records("bayi-1"),
+                               [dataclasses.replace(a, daily_limit=75_000)
+                                if a.allowance_id == "A-1" else a for a in s.allowances()])
+    (day,) = [f for f in low.findings if f.kind == "over-daily-limit"]
+    assert (day.amount, day.allowance_id, day.records) == (
+        1_000, "A-1", [("bayi-1", 10), ("bayi-1", 11)])
+    # the command shows the same, as JSON (with ``named``) and as text
+    assert res.exit_code == 0, res.output
+    by_id = {d["dealer_id"]: d for d in json.loads(res.output)["dealers"]}
+    assert [(f["kind"], f["allowance_id"], f["named"]) for f in by_id["bayi-1"]["findings"]] \
+        == [(k, a, n) for k, a, n, _, _ in found]
+    assert text.exit_code == 0
+    assert ("FLAG unknown-allowance: 1 top-up(s), 70,00 TL: they name credit allowance "
+            "A-404, which the center never issued") in text.output
+    assert "bayi-1#5" in text.output and "bayi-2: 1 top-up(s), 50,00 TL, matched" in text.output
+
+
+def test_the_center_issues_no_allowance_a_terminal_cannot_name(store):
+    """``credit:`` + the id must fit a journal record's ``action_id`` (64 characters)."""
+    from firmware.apps.topup import ALLOWANCE_ID_MAX
+
+    pub, _ = _publisher(store)
+    with pytest.raises(CenterError, match=r"cannot be journaled.*no terminal could load"):
+        pub.sign_allowance("bayi-1", "A" * (ALLOWANCE_ID_MAX + 1), 1_000, T0, T0 + DAY_S)
+    assert store.allowances() == []
+    pub.sign_allowance("bayi-1", "A" * ALLOWANCE_ID_MAX, 1_000, T0, T0 + DAY_S)
+    assert [a.allowance_id for a in store.allowances()] == ["A" * ALLOWANCE_ID_MAX]

@@ -15,7 +15,10 @@ What is pinned down:
   while the intent is open its amount stays *reserved* against the credit (a dealer who
   pulls the card mid-write cannot sell value the credit never sees), and when the card is
   next presented the terminal settles the intent from the card itself: ``ok-late`` (counted)
-  if the top-up is on the card, ``not-charged`` (released) if it is not.
+  if the top-up is on the card, ``not-charged`` (released) if it is not;
+* every top-up and pass sale record (intent, done, the done that settles a torn one) names the
+  allowance it drew on in ``action_id`` (``credit:<allowance_id>``) under the journal MAC, and
+  a ``not-charged`` settlement gives the credit back to that allowance, not to a newer one.
 """
 
 from __future__ import annotations
@@ -28,7 +31,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from firmware.apps.cards import FieldCardSource
-from firmware.apps.topup import CreditAllowance, TopupRefused, TopupTerminal
+from firmware.apps.topup import (
+    ALLOWANCE_ID_MAX,
+    CreditAllowance,
+    TopupRefused,
+    TopupTerminal,
+    allowance_id_of,
+    allowance_ref,
+)
 from firmware.apps.ui import RecordingUi, Signal
 from firmware.apps.validator import masked
 from firmware.core import classic_layout as layout
@@ -58,6 +68,7 @@ DEALER = "bayi-017"
 TERMINAL_ID = 9017
 FULL, STUDENT, TEACHER = 1, 2, 3  # card type codes (fares.CardType.code)
 PASS_MONTHLY = 1  # product_code of the Konya "abonman"
+REF = "credit:A-2026-001"  # what the records of a sale under the default allowance name
 
 
 def allowance(amount: int = 1_000_000, *, valid_from: int = NOW - DAY,
@@ -166,6 +177,7 @@ def test_load_adds_the_amount_journals_it_and_prints_a_receipt(tmp_path, utc_hos
     assert (intent.counter_before, intent.counter_after, intent.validator_id) == (
         0, 1, str(TERMINAL_ID))
     assert intent.time == NOW * 1000
+    assert (intent.action_id, done.action_id) == (REF, REF)  # the allowance it drew on
     assert (done.phase, done.link, done.outcome, done.kind) == ("done", intent.seq, "ok",
                                                                  KIND_TOPUP)
     assert (done.balance_before, done.balance_after, done.counter_after, done.fare) == (
@@ -445,7 +457,7 @@ def test_a_torn_top_up_reserves_its_credit_until_the_card_settles_it(tmp_path):
             # the error left exactly one open intent, and its amount stays reserved
             (intent,) = bayi.records()
             assert bayi.db.journal.open_intents() == [intent], ctx
-            assert (intent.fare, intent.counter_after) == (AMOUNT, 1), ctx
+            assert (intent.fare, intent.counter_after, intent.action_id) == (AMOUNT, 1, REF), ctx
             assert bayi.terminal.credit_left(NOW) == ALLOWED - AMOUNT, ctx
 
             # the rider boards a bus: the validator (key A) repairs the card from itself
@@ -468,6 +480,7 @@ def test_a_torn_top_up_reserves_its_credit_until_the_card_settles_it(tmp_path):
             assert bayi.db.journal.open_intents() == [], ctx
             settled = next(r for r in bayi.records() if r.link == intent.seq)
             assert settled.outcome == ("ok-late" if loaded else "not-charged"), ctx
+            assert settled.action_id == REF, ctx  # the settling done names it too
             used = (AMOUNT if loaded else 0) + 1_000
             assert bayi.terminal.credit_left(NOW + 90) == ALLOWED - used, ctx
             assert bayi.read().balance == 10_000 + used, ctx
@@ -508,7 +521,7 @@ def test_an_open_intent_is_left_open_when_the_card_cannot_tell(tmp_path):
         snap = purse.read()
         purse.apply(snap, TripRecord(0, NOW + 600 * (i + 1), 41, 421, 2250, 0, 0))
     bayi.load(1_000, NOW + 3_600)
-    assert [r.seq for r in bayi.db.journal.open_intents()] == [1]
+    assert [(r.seq, r.action_id) for r in bayi.db.journal.open_intents()] == [(1, REF)]
     assert bayi.terminal.credit_left(NOW + 3_700) == ALLOWED - AMOUNT - 1_000
 
 
@@ -524,10 +537,106 @@ def test_a_torn_pass_sale_is_settled_from_the_pass_block(tmp_path, commit):
     assert bayi.terminal.credit_left(NOW) == 1_000_000 - 140_000
     written = bayi.read().pass_block is not None
     assert written is commit
+    (intent,) = bayi.db.journal.open_intents()
+    assert (intent.product, intent.action_id) == (PRODUCT_PASS, REF)
     bayi.load(1_000, NOW + 60)
     assert bayi.db.journal.open_intents() == []
     assert bayi.terminal.credit_left(NOW + 60) == 1_000_000 - 1_000 - (
         140_000 if commit else 0)
+    settled = next(r for r in bayi.records() if r.link == intent.seq)
+    assert (settled.outcome, settled.action_id) == ("ok-late" if commit else "not-charged", REF)
+    assert bayi.db.journal.verify() == []
+
+
+# -- the allowance each record names (issue 7) -----------------------------------------------
+
+
+def test_every_top_up_record_names_the_allowance_it_drew_on_under_the_mac(tmp_path):
+    """Loads and pass sales name ``credit:<allowance_id>`` in intent and done; a newly synced
+    allowance is named from the next sale on; the name is covered by the journal MAC."""
+    bayi = Bayi(tmp_path, allowance=allowance(1_000_000))
+    bayi.load(5_000)
+    bayi.sell_pass(PASS_MONTHLY, NOW + 60)
+    bayi.db.config.put("credit", 2, allowance(500_000, allowance_id="A-2026-002").to_json()
+                       .encode())
+    bayi.load(2_000, NOW + 120)
+    records = bayi.records()
+    assert [(r.phase, r.product, r.fare, r.action_id) for r in records] == [
+        ("intent", PRODUCT_TOPUP, 5_000, REF), ("done", PRODUCT_TOPUP, 5_000, REF),
+        ("intent", PRODUCT_PASS, 140_000, REF), ("done", PRODUCT_PASS, 140_000, REF),
+        ("intent", PRODUCT_TOPUP, 2_000, "credit:A-2026-002"),
+        ("done", PRODUCT_TOPUP, 2_000, "credit:A-2026-002")]
+    assert [allowance_id_of(r.action_id) for r in records[::2]] == [
+        "A-2026-001", "A-2026-001", "A-2026-002"]
+    # the records name the allowance whose tally moved: each allowance's credit is its own
+    assert bayi.db.journal.tally(REF) == 145_000
+    assert bayi.terminal.credit_left(NOW + 180) == 500_000 - 2_000
+    assert bayi.db.journal.verify() == []
+    # pointing a record at another allowance behind the API breaks its MAC
+    bayi.db.connection.execute("UPDATE journal SET action_id = 'credit:A-2026-002' "
+                               "WHERE seq = 1")
+    assert bayi.db.journal.verify() == [1]
+
+
+def test_a_not_charged_settlement_gives_the_credit_back_to_the_allowance_it_names(tmp_path):
+    """A load torn before the money moved, under allowance 001; the agent syncs 002 (which
+    also covers the load's time) before the card comes back. The settlement names 001 and
+    releases 001's credit: 002 gains nothing it did not issue."""
+    (tmp_path / "probe").mkdir()
+    phase = write_phase(tmp_path)
+    bayi = Bayi(tmp_path, balance=10_000, allowance=allowance(ALLOWED))
+    torn_load(bayi, phase[0], answer=False)  # the first write frame never got through
+    assert bayi.read().balance == 10_000
+    assert bayi.db.journal.tally(REF) == AMOUNT
+    bayi.db.config.put("credit", 2, allowance(ALLOWED, allowance_id="A-2026-002").to_json()
+                       .encode())
+    bayi.load(1_000, NOW + 60)
+    (intent, settled, load, _) = bayi.records()
+    assert (settled.link, settled.outcome, settled.action_id) == (
+        intent.seq, "not-charged", REF)
+    assert load.action_id == "credit:A-2026-002"
+    assert bayi.db.journal.tally(REF) == 0  # 001's reservation released
+    assert bayi.terminal.credit_left(NOW + 60) == ALLOWED - 1_000  # 002: only its own load
+    assert bayi.db.journal.verify() == []
+
+
+def test_an_intent_of_older_software_is_settled_as_before(tmp_path):
+    """An intent journaled without an allowance name (older software: only the tally knew
+    it) settles ``not-charged`` naming none and releases the allowance in force at its
+    time, as the terminal always did."""
+    bayi = Bayi(tmp_path, balance=10_000, allowance=allowance(ALLOWED))
+    bayi.db.journal.intent({
+        "kind": KIND_TOPUP, "time": NOW * 1000, "card_number": bayi.card_number,
+        "uid": bayi.card.uid, "counter_before": 0, "counter_after": 1, "balance_before": 10_000,
+        "balance_after": 10_000 + AMOUNT, "fare": AMOUNT, "product": PRODUCT_TOPUP,
+        "validator_id": str(TERMINAL_ID),
+    }, tallies={"day:20454": AMOUNT, REF: AMOUNT})  # the old terminal's tallies
+    assert bayi.terminal.credit_left(NOW) == ALLOWED - AMOUNT
+    bayi.load(1_000, NOW + 60)  # the card never got it: counter 0 < 1
+    (intent, settled, load, _) = bayi.records()
+    assert (settled.outcome, settled.action_id, intent.action_id) == (
+        "not-charged", None, None)
+    assert load.action_id == REF
+    assert bayi.terminal.credit_left(NOW + 60) == ALLOWED - 1_000
+    assert bayi.db.journal.tally("day:20454") == 1_000
+
+
+def test_an_allowance_id_the_journal_cannot_hold_is_refused(tmp_path):
+    """``credit:`` + the id must fit the journal's 64-character ``action_id``: a longer id is
+    refused with a message (card and journal untouched), the longest that fits loads."""
+    assert ALLOWANCE_ID_MAX == 57
+    longest = "A" * ALLOWANCE_ID_MAX
+    assert allowance_ref(longest) == f"credit:{longest}"
+    bayi = Bayi(tmp_path, allowance=allowance(allowance_id=longest + "X"))
+    bayi.refused(lambda: bayi.load(5_000), "cannot be journaled: it must be 1 to 57")
+    bayi.refused(lambda: bayi.sell_pass(), "cannot be journaled")
+    for bad in ("", "A-1\n"):
+        with pytest.raises(TopupRefused, match="printable"):
+            allowance_ref(bad)
+    (tmp_path / "ok").mkdir()
+    fits = Bayi(tmp_path / "ok", allowance=allowance(allowance_id=longest))
+    fits.load(5_000)
+    assert [r.action_id for r in fits.records()] == [f"credit:{longest}"] * 2
 
 
 # -- pruning the journal ----------------------------------------------------------------------

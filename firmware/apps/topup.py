@@ -13,6 +13,15 @@ this terminal the intent is settled from the card itself: ``ok-late`` (it stays 
 the card shows the update, ``not-charged`` (the credit is released) when it shows it never
 happened. When the card can no longer tell (its trip log moved on), the intent stays open and
 the center settles it.
+
+Every top-up intent names the allowance it drew on in the journal's ``action_id`` field, as
+``credit:<allowance_id>`` (:func:`allowance_ref`, the same text as the allowance's tally), and
+its done record carries it too (``Journal.done`` copies it from the intent). The center checks
+each named top-up against that very allowance (``simulators/center/dealer.py``) instead of
+guessing it from the time. ``action_id`` means an action-list entry only on
+``action-applied`` records (the validator's online loads); a ``topup`` record never applies
+an action, and the prefix keeps the two apart. Settling ``not-charged`` gives the credit back
+to the allowance the intent names, even if a newer allowance is in force by then.
 """
 
 from __future__ import annotations
@@ -53,11 +62,43 @@ log = logging.getLogger("afc.topup")
 LOCAL_TZ_NAME = "Europe/Istanbul"
 #: Outcome of the done record that settles an open intent whose write never reached the card.
 NOT_CHARGED = "not-charged"
+#: How a top-up record's ``action_id`` (and the allowance's journal tally) names an allowance.
+ALLOWANCE_REF_PREFIX = "credit:"
+#: The longest text a journal record's ``action_id`` and a tally name may hold.
+_REF_MAX = 64
+#: The longest allowance id that still fits: ``credit:`` + id within :data:`_REF_MAX`.
+ALLOWANCE_ID_MAX = _REF_MAX - len(ALLOWANCE_REF_PREFIX)
 
 
 class TopupRefused(CoreError):
     """A top-up the terminal must not do: over the credit, the day's limit or the card's
     maximum balance, or an invalid allowance. The message is shown to the dealer."""
+
+
+def allowance_ref(allowance_id: str) -> str:
+    """The ``action_id`` of a top-up record (and the name of the journal tally) for the
+    allowance ``allowance_id``: ``credit:<allowance_id>``.
+
+    Refused (:class:`TopupRefused`) when the journal could not store it: an id longer than
+    :data:`ALLOWANCE_ID_MAX` characters or with characters that are not printable. Such an
+    allowance cannot be journaled, so the terminal cannot load against it and the center
+    does not issue it."""
+    ref = f"{ALLOWANCE_REF_PREFIX}{allowance_id}"
+    if not allowance_id or len(ref) > _REF_MAX or not ref.isprintable():
+        raise TopupRefused(
+            f"credit allowance id {allowance_id!r:.80} cannot be journaled: it must be 1 to "
+            f"{ALLOWANCE_ID_MAX} printable characters (ask the center for an allowance with "
+            "a shorter id)"
+        )
+    return ref
+
+
+def allowance_id_of(action_id: str | None) -> str | None:
+    """The allowance id a top-up record's ``action_id`` names, or None when it names none
+    (a terminal of older software) or is not an allowance reference."""
+    if action_id is None or not action_id.startswith(ALLOWANCE_REF_PREFIX):
+        return None
+    return action_id[len(ALLOWANCE_REF_PREFIX):] or None
 
 
 @dataclass(frozen=True)
@@ -167,14 +208,25 @@ class TopupTerminal:
             self._allowance_version = entry.version
         return self._allowance
 
-    def _tallies(self, amount: int, when: int) -> dict[str, int]:
-        """The running totals a sale at ``when`` moves: the allowance in force then (if any)
-        and the local day. Kept in the journal's own transactions, so they survive the
-        agent pruning acknowledged records; an open intent counts until settled."""
-        tallies = {self._day_key(when): amount}
+    def _credit_ref(self, when: int) -> str | None:
+        """``credit:<allowance_id>`` of the allowance in force at ``when``, or None when none
+        covers it (or its id cannot be journaled: then nothing was ever tallied under it)."""
         a = self.allowance
-        if a is not None and a.valid_from <= when < a.valid_until:
-            tallies[f"credit:{a.allowance_id}"] = amount
+        if a is None or not a.valid_from <= when < a.valid_until:
+            return None
+        try:
+            return allowance_ref(a.allowance_id)
+        except TopupRefused:
+            return None
+
+    def _tallies(self, amount: int, when: int, credit_ref: str | None) -> dict[str, int]:
+        """The running totals a sale at ``when`` moves: the local day and, given its
+        ``credit_ref``, the allowance it drew on. Kept in the journal's own transactions, so
+        they survive the agent pruning acknowledged records; an open intent counts until
+        settled."""
+        tallies = {self._day_key(when): amount}
+        if credit_ref is not None:
+            tallies[credit_ref] = amount
         return tallies
 
     @staticmethod
@@ -183,6 +235,13 @@ class TopupTerminal:
         return f"day:{local // 86400}"
 
     def credit_left(self, now: int) -> int:
+        """Kuruş of credit left at ``now``; refused when no usable allowance is in force."""
+        return self._credit(now)[0]
+
+    def _credit(self, now: int) -> tuple[int, str]:
+        """The credit left at ``now`` and the ``credit:<allowance_id>`` it is left on: one
+        read of the allowance, so the allowance a sale is checked against is the one its
+        records name (the agent may sync a new one at any moment)."""
         a = self.allowance
         if a is None or self.center_key is None:
             raise TopupRefused("no credit allowance from the center: top-ups are disabled")
@@ -194,12 +253,15 @@ class TopupTerminal:
             )
         if not a.valid_from <= now < a.valid_until:
             raise TopupRefused(f"credit allowance {a.allowance_id} is not valid now")
-        return a.amount - self.db.journal.tally(f"credit:{a.allowance_id}")
+        ref = allowance_ref(a.allowance_id)
+        return a.amount - self.db.journal.tally(ref), ref
 
-    def _check(self, amount: int, balance: int, now: int) -> None:
+    def _check(self, amount: int, balance: int, now: int) -> str:
+        """Refuse a load the credit, the day or the card cannot take; returns the
+        ``credit:<allowance_id>`` it draws on."""
         if amount <= 0:
             raise TopupRefused("the amount must be positive")
-        left = self.credit_left(now)
+        left, ref = self._credit(now)
         if amount > left:
             raise TopupRefused(f"over the dealer's credit: {tl(left)} left")
         today = self.db.journal.tally(self._day_key(now))
@@ -210,6 +272,7 @@ class TopupTerminal:
         room = self.table.top_up_room(balance)
         if amount > room:
             raise TopupRefused(f"over the card's maximum balance: at most {tl(room)}")
+        return ref
 
     def _card(self, access: ClassicAccess, now: int) -> tuple[Purse, CardSnapshot]:
         """Read the card (key B), finish an interrupted update, settle this terminal's open
@@ -252,11 +315,16 @@ class TopupTerminal:
                              balance_before=intent.balance_before,
                              balance_after=intent.balance_after)
             else:
+                # the credit goes back to the allowance the intent names; an intent of older
+                # software names none: then to the one in force at its time, as it was tallied
+                when = intent.time // 1000
+                ref = intent.action_id if allowance_id_of(intent.action_id) is not None \
+                    else self._credit_ref(when)
                 journal.done(intent.seq, NOT_CHARGED, time=now * 1000, fare=0,
                              product=intent.product, counter_after=snap.counter,
                              balance_before=snap.balance, balance_after=snap.balance,
                              tallies={k: -v for k, v in self._tallies(
-                                 max(0, intent.fare or 0), intent.time // 1000).items()})
+                                 max(0, intent.fare or 0), when, ref).items()})
 
     def _landed(self, intent: JournalRecord, snap: CardSnapshot) -> bool | None:
         """Whether the card shows the write of ``intent``; None when it cannot tell."""
@@ -277,16 +345,17 @@ class TopupTerminal:
                 and trip.validator_id == self.terminal_id and purse_delta(trip) == intent.fare)
 
     def load(self, access: ClassicAccess, amount: int, now: int) -> Receipt:
-        """Add ``amount`` kuruş to the card's purse (key B), journaled and signed."""
+        """Add ``amount`` kuruş to the card's purse (key B), journaled and signed; the
+        records name the allowance it drew on (``action_id``)."""
         purse, snap = self._card(access, now)
-        self._check(amount, snap.balance, now)
+        ref = self._check(amount, snap.balance, now)
         seq = self.db.journal.intent({
             "kind": KIND_TOPUP, "time": now * 1000, "card_number": snap.identity.card_number,
             "uid": bytes(access.uid), "counter_before": snap.counter,
             "counter_after": snap.counter + 1, "balance_before": snap.balance,
             "balance_after": snap.balance + amount, "fare": amount, "product": PRODUCT_TOPUP,
-            "validator_id": str(self.terminal_id),
-        }, tallies=self._tallies(amount, now))
+            "validator_id": str(self.terminal_id), "action_id": ref,
+        }, tallies=self._tallies(amount, now, ref))
         new = purse.apply(snap, topup_trip(0, now, self.terminal_id, amount))
         self.db.journal.done(seq, "ok", counter_after=new.counter, balance_after=new.balance,
                              balance_before=snap.balance, fare=amount, product=PRODUCT_TOPUP)
@@ -295,8 +364,8 @@ class TopupTerminal:
                        amount, new.balance, seq, now, key_version_of(purse))
 
     def sell_pass(self, access: ClassicAccess, product_code: int, now: int) -> Receipt:
-        """Sell a monthly pass: the price comes out of the dealer's credit, the pass is
-        written to the card (valid 30 days from this hour)."""
+        """Sell a monthly pass: the price comes out of the dealer's credit (the records name
+        the allowance), the pass is written to the card (valid 30 days from this hour)."""
         product = self.table.pass_product(product_code)
         if product is None:
             raise TopupRefused(f"no pass product {product_code} in tariff {self.table.name}")
@@ -304,14 +373,14 @@ class TopupTerminal:
         pass_ = self.table.pass_for(product_code, now)
         price = pass_price(self.table, product, snap.view().card_type,
                            discount_until=snap.identity.discount_until, until=pass_.valid_until)
-        self._check_credit_only(price, now)
+        ref = self._check_credit_only(price, now)
         seq = self.db.journal.intent({
             "kind": KIND_TOPUP, "time": now * 1000, "card_number": snap.identity.card_number,
             "uid": bytes(access.uid), "counter_before": snap.counter,
             "counter_after": snap.counter, "balance_before": snap.balance,
             "balance_after": snap.balance, "fare": price, "product": PRODUCT_PASS,
-            "validator_id": str(self.terminal_id),
-        }, tallies=self._tallies(price, now))
+            "validator_id": str(self.terminal_id), "action_id": ref,
+        }, tallies=self._tallies(price, now, ref))
         purse.write_pass(PassBlock(product_code, pass_.valid_from, pass_.valid_until))
         self.db.journal.done(seq, "ok", fare=price, product=PRODUCT_PASS,
                              counter_after=snap.counter, balance_before=snap.balance,
@@ -320,10 +389,12 @@ class TopupTerminal:
         return Receipt(self.terminal_id, snap.identity.card_number, bytes(access.uid), "pass",
                        price, snap.balance, seq, now, key_version_of(purse))
 
-    def _check_credit_only(self, amount: int, now: int) -> None:
-        left = self.credit_left(now)
+    def _check_credit_only(self, amount: int, now: int) -> str:
+        """The credit check alone (a pass sale); returns the ``credit:<allowance_id>``."""
+        left, ref = self._credit(now)
         if amount > left:
             raise TopupRefused(f"over the dealer's credit: {tl(left)} left")
+        return ref
 
 
 def pass_price(table: FareTable, product, card_type, *, discount_until: int | None = None,

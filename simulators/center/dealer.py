@@ -19,13 +19,24 @@ an allowance the center did not sign is not one it issued (and a terminal refuse
 card) gives it back; an intent still open counts. A stand-alone ``topup`` record, or a done
 whose intent the center never received, counts as well (only an insider writes those).
 
-**Which allowance a top-up used.** Journal records name no allowance (the terminal keeps the
-allowance id in its tallies only), so a top-up is attributed to the allowance issued *to that
-dealer* whose validity covers the top-up's time, the most recently issued one when several do
-(what a terminal that synced it uses). When none does, the finding says why:
-``no-allowance`` (the center never issued this dealer an allowance), ``other-dealer`` (only
-allowances issued to other dealers cover that time) or ``outside-validity`` (this dealer's
-allowances all start later or ended earlier).
+**Which allowance a top-up used.** The terminal names it: a top-up record's ``action_id`` is
+``credit:<allowance_id>`` (``firmware.apps.topup.allowance_ref``; on its intent, copied to its
+done), and the center checks the top-up against *that* allowance (the counting record's name:
+the intent's, else the stand-alone record's). Findings name the allowance
+(``allowance_id``, ``named`` true): ``unknown-allowance`` (the center never issued an allowance
+with that id to anyone, or the ``action_id`` is not a ``credit:`` reference at all),
+``other-dealer`` (the center issued it to another dealer) or ``outside-validity`` (the record's
+time is before its ``valid_from`` or not before its ``valid_until``). A flagged top-up counts
+towards no allowance's sum; one within its own allowance counts towards that one, even when a
+newer allowance of the dealer covers the same time.
+
+A record naming no allowance (a terminal of older software) is attributed by time, as before
+the terminals named it: to the allowance issued *to that dealer* whose validity covers the
+top-up's time, the most recently issued one when several do (what a terminal that synced it
+uses). When none does, the finding (``named`` false) says why: ``no-allowance`` (the center
+never issued this dealer an allowance), ``other-dealer`` (only allowances issued to other
+dealers cover that time) or ``outside-validity`` (this dealer's allowances all start later or
+ended earlier).
 
 **Limits.** ``over-allowance``: the top-ups attributed to one allowance add up to more than its
 amount (every top-up from the one that crossed the line is listed). ``over-daily-limit``: a
@@ -55,7 +66,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_agent.errors import ProtocolError
 from edge_agent.protocol import Bundle, decode_bundle
-from firmware.apps.topup import CreditAllowance, TopupRefused
+from firmware.apps.topup import (
+    ALLOWANCE_REF_PREFIX,
+    CreditAllowance,
+    TopupRefused,
+    allowance_id_of,
+    allowance_ref,
+)
 from firmware.stores.journal import KIND_TOPUP, PHASE_DONE, PHASE_EVENT, PHASE_INTENT, JournalRecord
 
 from .errors import CenterError
@@ -124,6 +141,10 @@ def allowance_info(
     if credit.valid_until <= credit.valid_from or credit.amount < 0:
         raise CenterError(f"credit allowance {credit.allowance_id}: amount must be >= 0 and "
                           "valid_until after valid_from")
+    try:
+        allowance_ref(credit.allowance_id)  # what the terminal's records will name
+    except TopupRefused as exc:
+        raise CenterError(f"{exc}: no terminal could load against it") from None
     if daily_limit is not None and daily_limit < 0:
         raise CenterError("the per-day limit must be >= 0 kuruş")
     return AllowanceInfo(
@@ -204,6 +225,14 @@ class TopUp:
     time: int  # Unix ms
     amount: int  # kuruş
     records: tuple[int, ...]  # every stored record of it (intent and done)
+    #: the counting record's ``action_id``: ``credit:<allowance_id>`` from a terminal that
+    #: names its allowance, None from older software (then attributed by time)
+    action_id: str | None = None
+
+    @property
+    def allowance_id(self) -> str | None:
+        """The allowance the record names (None: names none, or not a ``credit:`` one)."""
+        return allowance_id_of(self.action_id)
 
 
 def topups(records: Iterable[JournalRecord]) -> list[TopUp]:
@@ -226,24 +255,28 @@ def topups(records: Iterable[JournalRecord]) -> list[TopUp]:
         if done is not None and done.outcome == NOT_CHARGED:
             continue
         refs = (seq,) if done is None else (seq, done.seq)
-        out.append(TopUp(intent.device_id, seq, intent.time, max(0, intent.fare or 0), refs))
+        out.append(TopUp(intent.device_id, seq, intent.time, max(0, intent.fare or 0), refs,
+                         intent.action_id))
     for rec in [*dones.values(), *loose]:  # a done without its intent, a stand-alone record
         if rec.outcome != NOT_CHARGED:
             out.append(TopUp(rec.device_id, rec.seq, rec.time, max(0, rec.fare or 0),
-                             (rec.seq,)))
+                             (rec.seq,), rec.action_id))
     return sorted((t for t in out if t.amount > 0), key=lambda t: (t.time, t.seq))
 
 
 @dataclass(frozen=True)
 class DealerFinding:
     dealer_id: str
-    # no-allowance | other-dealer | outside-validity | over-allowance | over-daily-limit |
-    # refused-batch
+    # unknown-allowance | no-allowance | other-dealer | outside-validity | over-allowance |
+    # over-daily-limit | refused-batch
     kind: str
     message: str
     records: list[tuple[str, int]]  # (device_id, seq) of the records involved
     allowance_id: str | None = None
     amount: int = 0  # kuruş: the top-ups concerned, or the excess over a limit
+    #: True: the records name ``allowance_id`` themselves (``unknown-allowance``,
+    #: ``other-dealer``, ``outside-validity`` of a named allowance); False: attributed by time
+    named: bool = False
 
 
 @dataclass
@@ -301,9 +334,23 @@ def reconcile_dealer(
     mine = [a for a in issued if a.dealer_id == dealer_id]
     result = DealerReconciliation(dealer_id, len(loads), sum(t.amount for t in loads))
     newest_first = list(reversed(mine))
+    by_id = {a.allowance_id: a for a in issued}
     by_allowance: dict[str, list[TopUp]] = defaultdict(list)
     unmatched: dict[tuple[str, str | None], list[TopUp]] = defaultdict(list)
+    named: dict[tuple[str, str], list[TopUp]] = defaultdict(list)
     for t in loads:
+        if t.action_id is not None:  # the record names its allowance: check that one
+            allowance_id = t.allowance_id
+            named_one = by_id.get(allowance_id) if allowance_id is not None else None
+            if named_one is None:
+                named[("unknown-allowance", t.action_id)].append(t)
+            elif named_one.dealer_id != dealer_id:
+                named[("other-dealer", named_one.allowance_id)].append(t)
+            elif not _covers(named_one, t.time):
+                named[("outside-validity", named_one.allowance_id)].append(t)
+            else:
+                by_allowance[named_one.allowance_id].append(t)
+            continue
         covering = next((a for a in newest_first if _covers(a, t.time)), None)
         if covering is not None:
             by_allowance[covering.allowance_id].append(t)
@@ -315,7 +362,6 @@ def reconcile_dealer(
                 unmatched[("other-dealer", other.allowance_id)].append(t)
             else:
                 unmatched[("outside-validity", None)].append(t)
-    others = {a.allowance_id: a for a in issued}
     for (kind, allowance_id), items in unmatched.items():
         total = sum(t.amount for t in items)
         if kind == "no-allowance":
@@ -325,13 +371,35 @@ def reconcile_dealer(
             assert allowance_id is not None
             message = (f"{len(items)} top-up(s), {tl(total)}: no allowance of {dealer_id} "
                        f"covers their time, only {allowance_id} issued to dealer "
-                       f"{others[allowance_id].dealer_id}")
+                       f"{by_id[allowance_id].dealer_id}")
         else:
             spans = ", ".join(f"{a.allowance_id} {a.valid_from}..{a.valid_until}" for a in mine)
             message = (f"{len(items)} top-up(s), {tl(total)}: outside the validity of every "
                        f"allowance issued to {dealer_id} ({spans})")
         result.findings.append(DealerFinding(dealer_id, kind, message, _refs(items),
                                              allowance_id, total))
+    for (kind, named_id), items in named.items():
+        total = sum(t.amount for t in items)
+        what = f"{len(items)} top-up(s), {tl(total)}"
+        if kind == "unknown-allowance":
+            allowance_id = allowance_id_of(named_id)
+            if allowance_id is None:
+                message = (f"{what}: their records name {named_id!r:.80}, not a credit "
+                           f"allowance (the terminal writes {ALLOWANCE_REF_PREFIX}<allowance "
+                           "id>)")
+            else:
+                message = (f"{what}: they name credit allowance {allowance_id}, which the "
+                           "center never issued (to any dealer)")
+            named_id = allowance_id if allowance_id is not None else named_id
+        elif kind == "other-dealer":
+            message = (f"{what}: they name allowance {named_id}, issued to dealer "
+                       f"{by_id[named_id].dealer_id}, not to {dealer_id}")
+        else:
+            a = by_id[named_id]
+            message = (f"{what}: they name allowance {named_id}, valid {a.valid_from}.."
+                       f"{a.valid_until}, but their time is outside it")
+        result.findings.append(DealerFinding(dealer_id, kind, message, _refs(items),
+                                             named_id, total, named=True))
     for a in mine:
         items = by_allowance.get(a.allowance_id, [])
         used = sum(t.amount for t in items)
