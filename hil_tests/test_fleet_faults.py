@@ -33,8 +33,9 @@ def _explain(result) -> str:
     return result.to_text() + f"\n(logs in {result.workdir})"
 
 
-def test_ci_profile_every_fault_then_every_invariant(tmp_path):
-    run, result = _run(tmp_path, "ci")
+def test_ci_profile_every_fault_then_every_invariant(ci_fleet_run):
+    # the one debug-level run of the ci scenario that test_no_secrets_in_logs.py scans too
+    run, result = ci_fleet_run.run, ci_fleet_run.result
     assert result.error is None, _explain(result)
     assert result.ok, _explain(result)
 

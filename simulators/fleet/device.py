@@ -15,6 +15,9 @@ command does not offer yet:
   the next journal write fails with ``SQLITE_FULL``. ``false`` drops the filler and lifts
   the limit. Both happen on the validator's thread, between two polls, never mid-tap.
 
+``--log-level`` sets up logging to stderr at that level before the command runs (``afc
+topup`` sets up none of its own, so its debug lines would otherwise go nowhere).
+
 Nothing else is changed: the reader, the database, the keys, the journal and the loop are
 those of the command. (If ``afc validator`` grows ``--clock-file``/fault options, this shim
 goes away; see docs/fleet.md.)
@@ -147,6 +150,9 @@ def main(argv: list[str] | None = None) -> None:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--clock", required=True, help="the fleet clock file of this device")
     parser.add_argument("--faults", help="the faults file of this device (JSON)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                        help="log to stderr at this level (for 'topup', which sets up no "
+                             "logging itself; 'validator' has --verbose)")
     parser.add_argument("command", nargs=argparse.REMAINDER,
                         help="validator|topup and its options, after --")
     args = parser.parse_args(argv)
@@ -155,6 +161,10 @@ def main(argv: list[str] | None = None) -> None:
         command = command[1:]
     if not command or command[0] not in ("validator", "topup"):
         parser.error("give the command after --: validator ... or topup ...")
+    if args.log_level:
+        # the format of `afc validator`'s logs, so every device log reads alike
+        logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
     _install_clock(args.clock)
     if args.faults and command[0] == "validator":
         _install_faults(args.faults)

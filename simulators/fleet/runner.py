@@ -63,7 +63,7 @@ from .rf import RfWorld, read_snapshot
 from .riders import Fleet, RiderDay, build_fleet, plan_riders
 from .scenario import Scenario
 
-__all__ = ["FleetResult", "FleetRun", "run_fleet"]
+__all__ = ["LOG_LEVELS", "FleetResult", "FleetRun", "run_fleet"]
 
 log = logging.getLogger("afc.fleet")
 
@@ -75,6 +75,8 @@ PROBE_CARD_NUMBER = 39_999_999
 TAP_TIMEOUT_S = 8.0
 #: Host writes that make one poll of an empty field (RF off, RF on, list targets).
 POLL_WRITES = 3
+#: Levels a run's processes can log at (``FleetRun(log_level=...)``).
+LOG_LEVELS = ("debug", "info", "warning", "error")
 _DISPLAY = re.compile(r"^\[(\w+)\s*\] (.*?)\s*\| (.*?)\s*(beep.*)?$")
 _SITE_EVENT = re.compile(r"^I event dev=\S+ event=\S+ seq=(\d+)")
 _LOCAL_TEXTS = {  # validator displays that are not a fare-engine reason
@@ -184,10 +186,22 @@ class FleetResult:
 
 
 class FleetRun:
-    """One run of a scenario in ``workdir`` (created; must be empty or absent)."""
+    """One run of a scenario in ``workdir`` (created; must be empty or absent).
+
+    ``log_level`` is passed to every process through its own setting, so a run can be read
+    (or grepped for secrets, hil_tests/test_no_secrets_in_logs.py) at debug level: the agents'
+    ``[log] level`` (and ``--verbose`` at debug, for the MQTT client's lines), the center's
+    ``--log-level``, the validators' ``--verbose`` at debug, the bayi terminals through the
+    device shim's ``--log-level`` (``afc topup`` has no logging option), Mosquitto's
+    ``log_type all`` at debug, and ``fleet.log``. The camera-site firmware logs at its fixed
+    level (info): it has no setting for it. Default ``info``: the processes' usual logs.
+    """
 
     def __init__(self, scenario: Scenario, workdir: str | Path, *, progress: bool = True,
-                 out: Any = None, use_rich: bool | None = None) -> None:
+                 out: Any = None, use_rich: bool | None = None, log_level: str = "info") -> None:
+        if log_level not in LOG_LEVELS:
+            raise FleetError(f"log level {log_level!r}: choose one of {', '.join(LOG_LEVELS)}")
+        self.log_level = log_level
         self.scenario = scenario
         self.workdir = Path(workdir).resolve()
         self.show_progress = progress
@@ -241,8 +255,9 @@ class FleetRun:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         fleet_log = logging.getLogger("afc.fleet")
         fleet_log.addHandler(handler)
-        if fleet_log.getEffectiveLevel() > logging.INFO:
-            fleet_log.setLevel(logging.INFO)
+        level = min(logging.INFO, getattr(logging, self.log_level.upper()))
+        if fleet_log.getEffectiveLevel() > level:
+            fleet_log.setLevel(level)
         try:
             return self._run()
         finally:
@@ -341,7 +356,9 @@ class FleetRun:
             address = parse_broker(sc.broker_url)
             self.broker_host, self.broker_port = address.host, address.port
         else:
-            self.broker = MosquittoBroker(self.workdir / "broker", persistence=True).start()
+            self.broker = MosquittoBroker(
+                self.workdir / "broker", persistence=True,
+                extra_config="log_type all" if self.log_level == "debug" else "").start()
             self.broker_host, self.broker_port = self.broker.host, self.broker.port
         self._say(f"broker {self.broker_host}:{self.broker_port}"
                   + ("" if sc.broker_url else " (local Mosquitto)"))
@@ -373,7 +390,7 @@ class FleetRun:
             "batch": {"max_age_s": a["max_age_s"], "window": a["window"],
                       "ack_timeout_s": a["ack_timeout_s"], "max_records": a["max_records"]},
             "telemetry": {"interval_s": 5.0},
-            "log": {"level": "info"},
+            "log": {"level": self.log_level},
         }
 
     def _make_devices(self) -> None:
@@ -397,7 +414,8 @@ class FleetRun:
             self._add_device(spec.device_id, "validator", folder, spec.vehicle_id, reader,
                              ["--", "validator", "--reader", reader, "--db",
                               str(folder / "device.db"), "--config",
-                              str(folder / "validator.toml")], logs)
+                              str(folder / "validator.toml"),
+                              *(["--verbose"] if self.log_level == "debug" else [])], logs)
             self.devices[spec.device_id].reader_mode = spec.modes[0]
         midnight = local_time(self.scenario.day, 0)
         for bayi in self.fleet.bayis:
@@ -428,13 +446,18 @@ class FleetRun:
         faults_path = folder / "faults.json"
         write_clock(clock_path, self.clock)
         faults_path.write_text(json.dumps({"disk_full": False}))
+        # `afc topup` sets up no logging of its own: the shim does, at a level asked for
+        # (at the default the terminal runs exactly as `afc topup` does)
+        shim_level = ["--log-level", self.log_level] \
+            if kind == "topup" and self.log_level != "info" else []
         app = ManagedProcess(
             name, [PY, "-m", "simulators.fleet.device", "--clock", str(clock_path),
-                   "--faults", str(faults_path), *command],
+                   "--faults", str(faults_path), *shim_level, *command],
             logs / f"{name}.log", watch_stdout=True, stdin=kind == "topup",
             merge_stderr=kind == "topup")
         agent = ManagedProcess(f"{name}-agent",
-                               [PY, "-m", "edge_agent", "--config", str(folder / "agent.toml")],
+                               [PY, "-m", "edge_agent", "--config", str(folder / "agent.toml"),
+                                *(["--verbose"] if self.log_level == "debug" else [])],
                                logs / f"{name}-agent.log")
         self.devices[name] = _Device(name, kind, folder, vehicle, app, agent, clock_path,
                                      faults_path)
@@ -493,7 +516,8 @@ class FleetRun:
                        f"{self.broker_host}:{self.broker_port}", "--db", str(self.center_db),
                        "--key", str(center_dir / "center.key"), "--workers",
                        str(self.scenario.center_workers), "--devices",
-                       str(center_dir / "devices.toml")],
+                       str(center_dir / "devices.toml"), "--log-level",
+                       self.log_level.upper()],
             self.workdir / "logs" / "center.log").start()
         if not _wait(lambda: "center ready" in self._center_log(), 45):
             raise ProcessFailed(f"the center did not become ready: {self.center.log_tail()}")
@@ -1151,15 +1175,15 @@ def _last_seq(db: Path) -> int:
 
 
 def run_fleet(scenario: Scenario, workdir: str | Path | None = None, *, progress: bool = True,
-              keep: bool = False, out: Any = None) -> FleetResult:
+              keep: bool = False, out: Any = None, log_level: str = "info") -> FleetResult:
     """Run ``scenario`` in ``workdir`` (a new temporary folder when None, removed after a
-    successful run unless ``keep``)."""
+    successful run unless ``keep``); every process logs at ``log_level``."""
     import tempfile
 
     temp = workdir is None
     folder = Path(tempfile.mkdtemp(prefix=f"afc-fleet-{scenario.name}-")) if temp \
         else Path(workdir)
-    result = FleetRun(scenario, folder, progress=progress, out=out).run()
+    result = FleetRun(scenario, folder, progress=progress, out=out, log_level=log_level).run()
     if temp and result.ok and not keep:
         shutil.rmtree(folder, ignore_errors=True)
     return result

@@ -116,6 +116,27 @@ from firmware.reader.constants import (
 
 logger = logging.getLogger(__name__)
 
+
+def traced_command(command: int, params: bytes) -> str:
+    """A host command as the frame trace shows it, with no key material: the MIFARE
+    authentication the chip runs itself carries the sector key (shown as ``<key>``), and a
+    WRITE may carry a sector trailer's keys (its 16 data bytes shown as ``<16 bytes>``).
+    Everything else is shown in hex: frames of transparent mode are Crypto1-encrypted
+    already, and the rest is card data and chip settings."""
+    try:
+        name = Command(command).name
+    except ValueError:
+        name = f"0x{command:02X}"
+    if command == Command.IN_DATA_EXCHANGE and len(params) >= 2:
+        tg, mifare = params[0], params[1]
+        if mifare in (AUTH_A, AUTH_B) and len(params) >= 3:
+            # Tg, 60/61, block, key (6), UID (4)
+            return (f"{name} tg={tg} {mifare:02X} block={params[2]} <key> "
+                    f"uid=…{params[-2:].hex().upper() if len(params) >= 13 else ''}")
+        if mifare == WRITE and len(params) > 3:
+            return f"{name} tg={tg} A0 block={params[2]} <{len(params) - 3} bytes>"
+    return f"{name} {params.hex(' ')}".rstrip()
+
 # CIU registers the shared table lacks or gets wrong (firmware.reader.constants.Register has
 # CIU_COMM_IRQ = 0x6333 and CIU_DIV_IRQ = 0x6334; in the PN532 they are 0x6334 and 0x6335,
 # with CommIEn at 0x6332 and DivIEn at 0x6333, as libnfc's pn53x-internal.h lists them).
@@ -395,6 +416,8 @@ class Pn532Emulator:
         return b""
 
     def _on_frame(self, frame: Frame) -> bytes:
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("host > chip: %s", traced_command(frame.command, frame.params))
         if self._pending is not None:
             logger.debug("PN532 emulator: a new command aborts the pending one")
         self._pending = None
