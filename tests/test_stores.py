@@ -443,6 +443,19 @@ def test_actions_pending_and_exactly_once(db: DeviceDatabase) -> None:
         acts.replace_all(3, [])
 
 
+def test_only_an_open_load_of_an_action_hides_it(db: DeviceDatabase) -> None:
+    """A load in doubt (an open action-applied intent) keeps its action from being loaded a
+    second time; a record of another kind naming the same id (a top-up names its credit
+    allowance in action_id) does not."""
+    db.actions.replace_all(1, actions_v1())
+    db.journal.intent(tap(CARD, kind="topup", action_id="A-2"))
+    assert [a.action_id for a in db.actions.pending_for(CARD)] == ["A-1", "A-2"]
+    seq = db.journal.intent(tap(CARD, kind="action-applied", action_id="A-1"))
+    assert [a.action_id for a in db.actions.pending_for(CARD)] == ["A-2"]
+    db.journal.done(seq, "not-charged", balance_after=10_000)
+    assert [a.action_id for a in db.actions.pending_for(CARD)] == ["A-1", "A-2"]
+
+
 def test_action_applied_with_done_atomically(db: DeviceDatabase) -> None:
     db.actions.replace_all(1, actions_v1())
     seq = db.journal.intent(tap(CARD, kind="action-applied", action_id="A-1"))

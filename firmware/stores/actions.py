@@ -17,7 +17,7 @@ from typing import Any
 
 from ._sql import Conn, check_int, check_u64, from_sql_u64, to_sql_u64
 from .errors import DeltaChainBroken, InvalidRecord, StaleVersion
-from .journal import check_text, mark_action_applied
+from .journal import KIND_ACTION_APPLIED, check_text, mark_action_applied
 
 __all__ = ["ACTION_KINDS", "Action", "ActionList"]
 
@@ -142,15 +142,18 @@ class ActionList:
     def pending_for(self, card_number: int, now: int | None = None) -> list[Action]:
         """Actions waiting for this card (hot path, indexed), oldest id first.
 
-        With ``now`` (Unix ms) expired ones are left out. Actions of an open intent (a tap
-        in doubt) are left out until that intent is closed.
+        With ``now`` (Unix ms) expired ones are left out. Actions of an open action-applied
+        intent (a load in doubt) are left out until that intent is closed; other kinds of
+        record use ``action_id`` for other references (a top-up names its credit
+        allowance) and hide nothing.
         """
         check_u64(card_number, "card_number")
         sql = (
             f"{_SELECT} WHERE card_number = ? AND applied_seq IS NULL "
             "AND valid_until >= ? AND action_id NOT IN ("
             "SELECT j.action_id FROM open_intent o CROSS JOIN journal j ON j.seq = o.seq "
-            "WHERE j.action_id IS NOT NULL) ORDER BY action_id"
+            f"WHERE j.action_id IS NOT NULL AND j.kind = '{KIND_ACTION_APPLIED}') "
+            "ORDER BY action_id"
         )
         lower = -(1 << 63) if now is None else check_int(now, "now")
         rows = self._conn.execute(
