@@ -293,7 +293,9 @@ def _device(name, last, **kw):
 
 def test_reconciliation_fails_each_system_invariant():
     report = {"devices": [{"device_id": "a", "gaps": [[3, 3]], "upto": 2, "last": 4}],
-              "suspected_clones": [7, 8], "findings": []}
+              "suspected_clones": [7, 8], "findings": [],
+              "dealers": [{"dealer_id": "bayi-1", "topups": 2, "findings": [
+                  {"kind": "over-daily-limit", "message": "60,000 TL on 2026-03-02"}]}]}
     issued, final = {7: CardState(7, 0, 100)}, {7: CardState(7, 0, 100)}
     result = reconcile(
         report=report, records=[], devices=[_device("a", 4, blacklist_version=2,
@@ -305,9 +307,11 @@ def test_reconciliation_fails_each_system_invariant():
         injected_alarms={"s": ["camera-down"]}, site_last_seq={"s": 4},
         emulator_errors={"bus": 1})
     failed = {c.name for c in result.checks if not c.ok}
-    assert failed == {"records", "clones", "blacklist", "clocks", "camera alarms", "emulators"}
+    assert failed == {"records", "clones", "blacklist", "clocks", "camera alarms", "emulators",
+                      "dealers"}
     text = " ".join(result.failures)
     for words in ("missing seq", "card 9 was cloned", "card 8 is suspected without cause",
                   "blacklist version 2", "[100] not on its blacklist", "time goes back",
-                  "out of order", "seq [3, 4] never reached", "injected alarms"):
+                  "out of order", "seq [3, 4] never reached", "injected alarms",
+                  "bayi-1: over-daily-limit"):
         assert words in text, words

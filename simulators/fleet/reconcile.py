@@ -389,5 +389,16 @@ def reconcile(
     errors = dict(emulator_errors or {})
     checks.append(Check("emulators", not errors, "no PN532 emulator error",
                         [f"{k}: {v} internal error(s)" for k, v in errors.items()]))
+
+    # 8. dealers: the fleet's bayis are honest, so the center flags none of their top-ups
+    # (each names the allowance the center issued; a flag here is a false alarm)
+    dealers = report.get("dealers", [])
+    problems = [f"{d['dealer_id']}: {f['kind']}: {f['message']}"
+                for d in dealers for f in d.get("findings", [])]
+    loads = sum(d.get("topups", 0) for d in dealers)
+    checks.append(Check("dealers", not problems,
+                        f"{loads} top-ups of {len(dealers)} dealers, all within the credit the "
+                        "center issued" if not problems else "dealer top-ups flagged",
+                        problems))
     return Reconciliation(checks, ledger, report)
 

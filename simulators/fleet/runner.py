@@ -423,7 +423,9 @@ class FleetRun:
             make_device(folder, bayi.device_id, self.broker_host, self.broker_port,
                         center_key=self.center_key,
                         sections=self._agent_sections(self.broker_port, "topup"))
-            unsigned = CreditAllowance(bayi.device_id, f"alw-{self.scenario.day:%Y%m%d}",
+            # one grant per dealer: the center refuses an allowance id reused for another
+            unsigned = CreditAllowance(bayi.device_id,
+                                       f"alw-{bayi.device_id}-{self.scenario.day:%Y%m%d}",
                                        self.scenario.allowance_kurus, midnight - 86_400,
                                        midnight + 2 * 86_400, b"")
             allowance = replace(unsigned,
@@ -505,6 +507,7 @@ class FleetRun:
         (self.workdir / "center" / "devices.toml").write_text("\n".join(lines))
 
     def _start_center(self) -> None:
+        from simulators.center.dealer import register_allowance_file
         from simulators.center.mqtt import BrokerAddress
         from simulators.center.publisher import Publisher
         from simulators.center.store import SqliteCenterStore
@@ -522,6 +525,12 @@ class FleetRun:
         if not _wait(lambda: "center ready" in self._center_log(), 45):
             raise ProcessFailed(f"the center did not become ready: {self.center.log_tail()}")
         self._store = SqliteCenterStore(self.center_db)
+        # the credit each bayi was given (a file, as a terminal without a synced credit
+        # bundle reads it) is credit the center issued: its dealer report checks against it
+        for bayi in self.fleet.bayis:
+            register_allowance_file(self._store,
+                                    self.workdir / "devices" / bayi.device_id / "allowance.json",
+                                    self.center_key.public_key())
         self._address = BrokerAddress(self.broker_host, self.broker_port)
         self._publisher = Publisher(self._store, self.center_key, self._publish_async)
 
