@@ -356,7 +356,13 @@ def test_credit_refusals(tmp_path, keys):
     assert res.exit_code == 2 and "refuses another dealer's allowance" in res.stderr
     res = build("--valid-until", "next week")
     assert res.exit_code == 2 and "valid_until: 'next week' is neither" in res.stderr
+    # every top-up record names its allowance (credit:<id>, 64 characters at most)
+    res = build("--valid-until", "2030-01-01", "--allowance-id", "A" * 58)
+    assert res.exit_code == 2 and "could not use this allowance" in res.stderr
     assert not (tmp_path / "c.out").exists()
+    res = build("--valid-until", "2030-01-01", "--allowance-id", "A" * 57)
+    assert res.exit_code == 0, res.stderr
+    (tmp_path / "c.out").unlink()
     # An allowance signed by another key: no terminal of this center would take it.
     res = build("--valid-until", "2030-01-01", key="other")
     assert res.exit_code == 0, res.stderr

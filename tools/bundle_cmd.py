@@ -546,7 +546,7 @@ def device_check(payload: bytes, center_public: Ed25519PublicKey,
     """
     from edge_agent.config_sync import APPLIED, ConfigSync, SyncResult
     from edge_agent.settings import AgentSettings
-    from firmware.apps.topup import CreditAllowance
+    from firmware.apps.topup import CreditAllowance, allowance_ref
     from firmware.stores.database import DeviceDatabase
 
     head = cbor2.loads(payload)
@@ -579,6 +579,11 @@ def device_check(payload: bytes, center_public: Ed25519PublicKey,
             if allowance.valid_until <= allowance.valid_from or allowance.amount < 0:
                 raise BundleRefused(f"credit allowance {allowance.allowance_id}: amount must be "
                                     ">= 0 and valid_until after valid_from")
+            try:  # every top-up record names its allowance: the journal must hold the name
+                allowance_ref(allowance.allowance_id)
+            except CoreError as exc:
+                raise BundleRefused(f"a top-up terminal could not use this allowance: {exc}; "
+                                    "give a shorter --allowance-id") from None
         return got.bundle
 
 
