@@ -151,10 +151,11 @@ def test_validator_process_on_the_fleet_clock_with_a_full_disk(tmp_path):
     faults_path.write_text('{"disk_full": false}')
     rf = RfWorld(tmp_path)
     reader = rf.add_reader("bus-9")
-    proc = ManagedProcess("bus-9", [sys.executable, "-m", "simulators.fleet.device", "--clock",
-                                    str(clock_path), "--faults", str(faults_path), "--",
+    proc = ManagedProcess("bus-9", [sys.executable, "-m", "simulators.fleet.device",
+                                    "--faults", str(faults_path), "--",
                                     "validator", "--reader", reader, "--db",
-                                    str(tmp_path / "v.db"), "--config", str(tmp_path / "v.toml")],
+                                    str(tmp_path / "v.db"), "--config", str(tmp_path / "v.toml"),
+                                    "--clock-file", str(clock_path)],
                           tmp_path / "bus-9.log", watch_stdout=True)
 
     def tap(card: VirtualCard) -> str:

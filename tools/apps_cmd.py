@@ -30,8 +30,14 @@ def _keys(path: str | None, config: dict):
     return FileKeyStore.open(store)
 
 
-def _clock(db_path: str):
-    """A GuardedClock whose high-water mark lives beside the database."""
+def _clock(db_path: str, clock_file: str | None = None):
+    """A GuardedClock whose high-water mark lives beside the database.
+
+    With ``clock_file`` the wall time is read from a test rig's clock file
+    (:mod:`simulators.fleet.clock`: a service day faster than real time, one device's clock
+    set back while it runs) instead of the system clock, and the mark is saved at every
+    reading, since the rig kills and restarts devices at any instant.
+    """
     from firmware.apps.clock import GuardedClock
 
     mark = Path(f"{db_path}.clock")
@@ -47,7 +53,15 @@ def _clock(db_path: str):
         tmp.write_text(str(value))
         tmp.replace(mark)
 
-    return GuardedClock(load, save)
+    if clock_file is None:
+        return GuardedClock(load, save)
+    from simulators.fleet.clock import FileClock
+
+    return GuardedClock(load, save, wall=FileClock(clock_file), save_every=1)
+
+
+_CLOCK_FILE_HELP = ("Read the wall time from a test rig's clock file (simulators.fleet.clock) "
+                    "instead of the system clock.")
 
 
 def _read_config(path: str) -> dict:
@@ -66,8 +80,10 @@ def _read_config(path: str) -> dict:
 @click.option("--mode", type=click.Choice(["chip", "transparent"]), default=None,
               help="MIFARE Classic mode (default: [reader] mode, else transparent).")
 @click.option("--max-taps", type=int, default=0, help="Stop after this many taps (tests).")
-@click.option("-v", "--verbose", is_flag=True)
-def validator(reader_url, db_path, config_path, keys_path, mode, max_taps, verbose) -> None:
+@click.option("--clock-file", metavar="PATH", help=_CLOCK_FILE_HELP)
+@click.option("-v", "--verbose", is_flag=True, help="Log at debug level (to stderr).")
+def validator(reader_url, db_path, config_path, keys_path, mode, max_taps, clock_file,
+              verbose) -> None:
     """The on-bus validator loop: poll the reader, decide offline, write the card, journal.
 
     \b
@@ -108,7 +124,7 @@ def validator(reader_url, db_path, config_path, keys_path, mode, max_taps, verbo
         Pn532.open(reader_url) as pn,
     ):
         pn.set_max_retries(passive=1)
-        clock = _clock(db_path)
+        clock = _clock(db_path, clock_file)
         # the center's fare bundle, once the agent applied one, wins over the packaged table
         table = db.config.fare_table() or table
         app = Validator(config, Pn532CardSource(pn, mode or config.reader_mode), db, keys,
@@ -142,7 +158,9 @@ def validator(reader_url, db_path, config_path, keys_path, mode, max_taps, verbo
 @click.option("--keys", "keys_path", help="Key store (default: [keys] store in the config).")
 @click.option("--card-wait", default=30.0, show_default=True,
               help="Seconds to wait for a card after a command.")
-def topup(reader_url, db_path, config_path, keys_path, card_wait) -> None:
+@click.option("--clock-file", metavar="PATH", help=_CLOCK_FILE_HELP)
+@click.option("-v", "--verbose", is_flag=True, help="Log at debug level (to stderr).")
+def topup(reader_url, db_path, config_path, keys_path, card_wait, clock_file, verbose) -> None:
     """The bayi top-up terminal: the dealer types commands, the customer's card is loaded.
 
     \b
@@ -171,6 +189,7 @@ def topup(reader_url, db_path, config_path, keys_path, card_wait) -> None:
     from firmware.reader.driver import Pn532
     from firmware.stores.database import DeviceDatabase
 
+    _setup_logging(verbose)
     raw = _read_config(config_path)
     device, dealer = raw.get("device", {}), raw.get("dealer", {})
     if "id" not in device or "terminal_id" not in device:
@@ -180,7 +199,7 @@ def topup(reader_url, db_path, config_path, keys_path, card_wait) -> None:
     center_key = None
     if dealer.get("center_public_key"):
         center_key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(dealer["center_public_key"]))
-    clock = _clock(db_path)
+    clock = _clock(db_path, clock_file)
     with (
         DeviceDatabase.open(db_path, device_id=str(device["id"]), journal_key=keys) as db,
         Pn532.open(reader_url) as pn,

@@ -1,26 +1,17 @@
-"""``python -m simulators.fleet.device --clock FILE [--faults FILE] -- validator|topup ARGS``.
+"""``python -m simulators.fleet.device --faults FILE -- validator ARGS``.
 
-Runs the real ``afc validator`` / ``afc topup`` command (:mod:`tools.apps_cmd`, the same
-code path, the same options) in this process with two things a fleet rig needs and the
-command does not offer yet:
+Runs the real ``afc validator`` command (:mod:`tools.apps_cmd`, the same code path, the same
+options, ``--clock-file`` for the fleet's simulated wall clock included) in this process with
+one thing a fleet rig needs and a device must never offer: **a disk that fills up**. When the
+faults file says ``{"disk_full": true}`` the validator's own database connection gets
+``PRAGMA max_page_count`` = its current size (the store's fault hook, as
+``tests/test_stores.py`` provokes a full disk) and a filler table then takes the free pages and
+the room left in the last ones, as a log file filling the disk would: the next journal write
+fails with ``SQLITE_FULL``. ``false`` drops the filler and lifts the limit. Both happen on the
+validator's thread, between two polls, never mid-tap.
 
-- **a simulated wall clock**: the device's :class:`~firmware.apps.clock.GuardedClock` (its
-  high-water mark beside the database, as ``afc validator`` keeps it) reads its wall time
-  from the fleet's clock file (:mod:`.clock`), so a service day runs faster than real time
-  and one device's clock can be set back while it runs;
-- **a disk that fills up**: when the faults file says ``{"disk_full": true}`` the validator's
-  own database connection gets ``PRAGMA max_page_count`` = its current size (the store's
-  fault hook, as ``tests/test_stores.py`` provokes a full disk) and a filler table then takes
-  the free pages and the room left in the last ones, as a log file filling the disk would:
-  the next journal write fails with ``SQLITE_FULL``. ``false`` drops the filler and lifts
-  the limit. Both happen on the validator's thread, between two polls, never mid-tap.
-
-``--log-level`` sets up logging to stderr at that level before the command runs (``afc
-topup`` sets up none of its own, so its debug lines would otherwise go nowhere).
-
-Nothing else is changed: the reader, the database, the keys, the journal and the loop are
-those of the command. (If ``afc validator`` grows ``--clock-file``/fault options, this shim
-goes away; see docs/fleet.md.)
+Nothing else is changed: the reader, the database, the keys, the clock, the journal and the
+loop are those of the command. (Bayi terminals need no fault and run ``afc topup`` itself.)
 """
 
 from __future__ import annotations
@@ -63,34 +54,6 @@ class _FaultFile:
             return False  # being replaced: look again at the next poll
         self._mtime = mtime
         return True
-
-
-def _install_clock(clock_path: str) -> None:
-    import tools.apps_cmd as apps
-    from firmware.apps.clock import GuardedClock
-
-    from .clock import FileClock
-
-    wall = FileClock(clock_path)
-
-    def _clock(db_path: str) -> GuardedClock:
-        # as tools.apps_cmd._clock: the high-water mark lives beside the database
-        mark = Path(f"{db_path}.clock")
-
-        def load() -> int | None:
-            try:
-                return int(mark.read_text().strip())
-            except (OSError, ValueError):
-                return None
-
-        def save(value: int) -> None:
-            tmp = mark.with_suffix(".tmp")
-            tmp.write_text(str(value))
-            tmp.replace(mark)
-
-        return GuardedClock(load, save, wall=wall, save_every=1)
-
-    apps._clock = _clock
 
 
 def _fill(raw, device_id: str) -> int:
@@ -148,26 +111,16 @@ def _install_faults(faults_path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m simulators.fleet.device",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--clock", required=True, help="the fleet clock file of this device")
-    parser.add_argument("--faults", help="the faults file of this device (JSON)")
-    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
-                        help="log to stderr at this level (for 'topup', which sets up no "
-                             "logging itself; 'validator' has --verbose)")
+    parser.add_argument("--faults", required=True, help="the faults file of this device (JSON)")
     parser.add_argument("command", nargs=argparse.REMAINDER,
-                        help="validator|topup and its options, after --")
+                        help="validator and its options, after --")
     args = parser.parse_args(argv)
     command = list(args.command)
     if command[:1] == ["--"]:
         command = command[1:]
-    if not command or command[0] not in ("validator", "topup"):
-        parser.error("give the command after --: validator ... or topup ...")
-    if args.log_level:
-        # the format of `afc validator`'s logs, so every device log reads alike
-        logging.basicConfig(level=getattr(logging, args.log_level.upper()), stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    _install_clock(args.clock)
-    if args.faults and command[0] == "validator":
-        _install_faults(args.faults)
+    if command[:1] != ["validator"]:
+        parser.error("give the command after --: validator ...")
+    _install_faults(args.faults)
     from tools.cli import main as afc
 
     os.environ.setdefault("PYTHONUNBUFFERED", "1")

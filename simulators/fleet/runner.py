@@ -191,8 +191,7 @@ class FleetRun:
     ``log_level`` is passed to every process through its own setting, so a run can be read
     (or grepped for secrets, hil_tests/test_no_secrets_in_logs.py) at debug level: the agents'
     ``[log] level`` (and ``--verbose`` at debug, for the MQTT client's lines), the center's
-    ``--log-level``, the validators' ``--verbose`` at debug, the bayi terminals through the
-    device shim's ``--log-level`` (``afc topup`` has no logging option), Mosquitto's
+    ``--log-level``, the validators' and bayi terminals' ``--verbose`` at debug, Mosquitto's
     ``log_type all`` at debug, and ``fleet.log``. The camera-site firmware logs at its fixed
     level (info): it has no setting for it. Default ``info``: the processes' usual logs.
     """
@@ -412,10 +411,9 @@ class FleetRun:
                 f'[keys]\nstore = "{self.workdir / "keys.toml"}"\n')
             reader = self.rf.add_reader(spec.device_id)
             self._add_device(spec.device_id, "validator", folder, spec.vehicle_id, reader,
-                             ["--", "validator", "--reader", reader, "--db",
+                             ["validator", "--reader", reader, "--db",
                               str(folder / "device.db"), "--config",
-                              str(folder / "validator.toml"),
-                              *(["--verbose"] if self.log_level == "debug" else [])], logs)
+                              str(folder / "validator.toml")], logs)
             self.devices[spec.device_id].reader_mode = spec.modes[0]
         midnight = local_time(self.scenario.day, 0)
         for bayi in self.fleet.bayis:
@@ -438,7 +436,7 @@ class FleetRun:
                 f'[keys]\nstore = "{self.workdir / "keys.toml"}"\n')
             reader = self.rf.add_reader(bayi.device_id)
             self._add_device(bayi.device_id, "topup", folder, None, reader,
-                             ["--", "topup", "--reader", reader, "--db",
+                             ["topup", "--reader", reader, "--db",
                               str(folder / "device.db"), "--config", str(folder / "bayi.toml"),
                               "--card-wait", "5"], logs)
 
@@ -448,15 +446,15 @@ class FleetRun:
         faults_path = folder / "faults.json"
         write_clock(clock_path, self.clock)
         faults_path.write_text(json.dumps({"disk_full": False}))
-        # `afc topup` sets up no logging of its own: the shim does, at a level asked for
-        # (at the default the terminal runs exactly as `afc topup` does)
-        shim_level = ["--log-level", self.log_level] \
-            if kind == "topup" and self.log_level != "info" else []
-        app = ManagedProcess(
-            name, [PY, "-m", "simulators.fleet.device", "--clock", str(clock_path),
-                   "--faults", str(faults_path), *shim_level, *command],
-            logs / f"{name}.log", watch_stdout=True, stdin=kind == "topup",
-            merge_stderr=kind == "topup")
+        command = [*command, "--clock-file", str(clock_path),
+                   *(["--verbose"] if self.log_level == "debug" else [])]
+        if kind == "validator":  # the shim adds the disk-full fault (fleet/device.py)
+            argv = [PY, "-m", "simulators.fleet.device", "--faults", str(faults_path), "--",
+                    *command]
+        else:
+            argv = [PY, "-m", "tools.cli", *command]
+        app = ManagedProcess(name, argv, logs / f"{name}.log", watch_stdout=True,
+                             stdin=kind == "topup", merge_stderr=kind == "topup")
         agent = ManagedProcess(f"{name}-agent",
                                [PY, "-m", "edge_agent", "--config", str(folder / "agent.toml"),
                                 *(["--verbose"] if self.log_level == "debug" else [])],
