@@ -358,7 +358,7 @@ def test_credit_refusals(tmp_path, keys):
     assert res.exit_code == 2 and "valid_until: 'next week' is neither" in res.stderr
     # every top-up record names its allowance (credit:<id>, 64 characters at most)
     res = build("--valid-until", "2030-01-01", "--allowance-id", "A" * 58)
-    assert res.exit_code == 2 and "could not use this allowance" in res.stderr
+    assert res.exit_code == 2 and "cannot be journaled" in res.stderr
     assert not (tmp_path / "c.out").exists()
     res = build("--valid-until", "2030-01-01", "--allowance-id", "A" * 57)
     assert res.exit_code == 0, res.stderr

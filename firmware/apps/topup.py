@@ -126,6 +126,18 @@ class CreditAllowance:
                 f"credit allowance {self.allowance_id} is not signed by the center"
             ) from None
 
+    def check_usable(self, center_key: Ed25519PublicKey) -> None:
+        """Everything a terminal needs of an allowance before it can load against it: the
+        center's signature, a validity that ends after it starts, an amount >= 0, and an
+        id the journal can name in every top-up record (:func:`allowance_ref`). The one
+        check the center runs before recording an allowance it issued and ``afc bundle``
+        runs before signing one; :class:`TopupRefused` says which part fails."""
+        self.verify(center_key)
+        if self.valid_until <= self.valid_from or self.amount < 0:
+            raise TopupRefused(f"credit allowance {self.allowance_id}: amount must be >= 0 "
+                               "and valid_until after valid_from")
+        allowance_ref(self.allowance_id)
+
     @classmethod
     def from_json(cls, text: str) -> CreditAllowance:
         try:
