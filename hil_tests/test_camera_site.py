@@ -132,3 +132,16 @@ def test_camera_faults_classified(rig: SiteRig, fault, kw, event, reason) -> Non
     # one bad camera leaves the others alone
     state = "down" if event == "camera-down" else "degraded"
     rig.wait_cameras({"cam-01": "up", "cam-02": "up", "cam-03": state})
+
+
+def test_debug_lines_only_when_asked_and_never_the_key(tmp_path: Path, rig: SiteRig) -> None:
+    """Field technicians run the site with ``--debug``; without it the log stays at info."""
+    rig.firmware.wait_for(r"^I uplink-up ", 20)
+    assert not [line for line in rig.firmware.lines if line.startswith("D ")]
+    with_debug = SiteRig(tmp_path / "debug", device_id=DEV, key=KEY)
+    with_debug.firmware.debug = True
+    with with_debug:
+        line = with_debug.firmware.wait_for(r"^D timing .*dev=site-0042 .*telemetry_ms=", 20)
+        assert line is not None
+        text = "\n".join(with_debug.firmware.lines)
+        assert KEY.hex() not in text.lower() and "wdt_ms=" in text

@@ -102,6 +102,7 @@ class SiteFirmware:
         cycles: int | None = None,
         measure_alloc: bool = False,
         max_lines: int = 50_000,
+        debug: bool = False,
     ) -> None:
         self.flash = Path(flash)
         self.flash.mkdir(parents=True, exist_ok=True)
@@ -109,6 +110,7 @@ class SiteFirmware:
         self.heapsize = heapsize
         self.cycles = cycles
         self.measure_alloc = measure_alloc
+        self.debug = debug  # the firmware's debug lines too (hal_unix --debug)
         self._lines: collections.deque[str] = collections.deque(maxlen=max_lines)
         self._count = 0
         self._cond = threading.Condition()
@@ -151,6 +153,8 @@ class SiteFirmware:
             cmd += ["--cycles", str(self.cycles)]
         if self.measure_alloc:
             cmd.append("--measure-alloc")
+        if self.debug:
+            cmd.append("--debug")
         self.returncode = None
         self._proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

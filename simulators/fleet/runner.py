@@ -192,8 +192,8 @@ class FleetRun:
     (or grepped for secrets, hil_tests/test_no_secrets_in_logs.py) at debug level: the agents'
     ``[log] level`` (and ``--verbose`` at debug, for the MQTT client's lines), the center's
     ``--log-level``, the validators' and bayi terminals' ``--verbose`` at debug, Mosquitto's
-    ``log_type all`` at debug, and ``fleet.log``. The camera-site firmware logs at its fixed
-    level (info): it has no setting for it. Default ``info``: the processes' usual logs.
+    ``log_type all`` at debug, the camera-site firmware's ``--debug``, and ``fleet.log``.
+    Default ``info``: the processes' usual logs.
     """
 
     def __init__(self, scenario: Scenario, workdir: str | Path, *, progress: bool = True,
@@ -484,7 +484,8 @@ class FleetRun:
             folder = self.workdir / "sites" / site_id
             farm = CameraFarm(sc.cameras_per_site, prefix=f"s{i}-cam-").start()
             cabinet = CabinetSensors(folder / "cabinet.json")
-            firmware = SiteFirmware(folder / "flash", sensors=folder / "cabinet.json")
+            firmware = SiteFirmware(folder / "flash", sensors=folder / "cabinet.json",
+                                    debug=self.log_level == "debug")
             key = new_key()
             config = site_config(self.broker_host, self.broker_port, farm.config_entries(),
                                  fast=True, timing={"telemetry_ms": 2000, "status_ms": 5000})

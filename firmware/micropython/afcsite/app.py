@@ -453,6 +453,7 @@ def main(hal):
     cause = hal.reset_cause()
     log.info("boot", dev=dev, sw=SW, cause=cause, cfg_version=version,
              cameras=len(cfg["cameras"]), mem_free=gc.mem_free())
+    log.debug("timing", dev=dev, **cfg["timing"])  # what the field technician asks first
     hal.wdt_start(cfg["timing"]["wdt_ms"])
     while True:
         asyncio.new_event_loop()

@@ -36,6 +36,12 @@ class Hal:
                 self.measure_alloc = True
                 i += 1
                 continue
+            if a == "--debug":  # log lines of every level (the default is info and above)
+                from afcsite import log
+
+                log.level = 0
+                i += 1
+                continue
             if a == "--flash" and v:
                 self.flash = v if v.endswith("/") else v + "/"
             elif a == "--sensors" and v:
@@ -44,7 +50,7 @@ class Hal:
                 self.cycles = int(v)
             else:
                 raise SystemExit("usage: main.py --flash DIR [--sensors FILE] [--cycles N] "
-                                 "[--measure-alloc]")
+                                 "[--measure-alloc] [--debug]")
             i += 2
         self._fed = [time.ticks_ms()]
         self._wdt_ms = 0
