@@ -314,6 +314,10 @@ class Monitor:
             msg = decode_json_message(payload)
             if msg["dev"] != dev:
                 raise ProtocolError(f"message from {msg['dev']!r} on {dev!r}'s topic")
+            seq = msg.get("seq")
+            if type(seq) is int and not 0 <= seq < 1 << 63:
+                # JSON integers have no bound; the events table's seq is SQLite's 64 bits
+                raise ProtocolError(f"{leaf} seq {seq} is not in 0..2**63-1")
             signed = False
             if "sig" in msg:
                 key = self.store.public_key(dev)

@@ -371,7 +371,7 @@ class SqliteCenterStore(CenterStore):
             except BaseException as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
+                if isinstance(exc, sqlite3.Error | OverflowError):  # (an int beyond 64 bits)
                     raise CenterStoreError(f"center database error ({what}): {exc}") from None
                 raise
 
