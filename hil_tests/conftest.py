@@ -126,6 +126,12 @@ def ci_fleet_run(tmp_path_factory) -> Iterator[CiFleetRun]:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
         root.addHandler(handler)
     root.setLevel(logging.DEBUG)
+    # A logger an earlier in-process command set to INFO (``afc sim reader`` sets
+    # "simulators") would hide its debug lines from this run: open every one for the run.
+    raised = {lg: lg.level for lg in logging.Logger.manager.loggerDict.values()
+              if isinstance(lg, logging.Logger) and lg.level > logging.DEBUG}
+    for lg in raised:
+        lg.setLevel(logging.NOTSET)
     try:
         run = CanaryRun(load_scenario("ci"), base / "run", progress=False, log_level="debug")
         result = run.run()
@@ -137,5 +143,7 @@ def ci_fleet_run(tmp_path_factory) -> Iterator[CiFleetRun]:
             handler.setLevel(level)
         root.setLevel(saved[0])
         fleet_logger.setLevel(saved[1])
+        for lg, level in raised.items():
+            lg.setLevel(level)
     yield CiFleetRun(run, result, base, base / "in-process.log", base / "pn532-frames.log",
                      canary, canary_ed25519)
