@@ -37,6 +37,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from firmware.stores.journal import (
     KIND_TAP,
+    OPTIONAL_INT_FIELDS,
+    OPTIONAL_TEXT_FIELDS,
     PHASE_DONE,
     PHASE_EVENT,
     PHASE_INTENT,
@@ -504,16 +506,6 @@ _PLAIN_COLS = (
     ("product", "p"),
     ("reason", "r"),
 )
-_OPT_INT_FIELDS = (
-    "counter_before",
-    "counter_after",
-    "balance_before",
-    "balance_after",
-    "fare",
-    "product",
-    "reason",
-)
-_OPT_TEXT_FIELDS = ("line", "vehicle", "validator_id", "action_id")
 _PHASES = (PHASE_INTENT, PHASE_DONE, PHASE_EVENT)
 _NoneType = type(None)
 _ONLY_INT = frozenset((int,))
@@ -537,7 +529,7 @@ def _check_record(rec: JournalRecord) -> None:
             type(value) is not str or not _TOKEN_RE.fullmatch(value)
         ):
             raise bad(f"{name} must be a token of 1 to 32 characters a-z 0-9 -")
-    for name in ("time", "link", *_OPT_INT_FIELDS):
+    for name in ("time", "link", *OPTIONAL_INT_FIELDS):
         value = getattr(rec, name)
         if (value is not None or name == "time") and (
             type(value) is not int or not _I64_MIN <= value <= _I64_MAX
@@ -549,7 +541,7 @@ def _check_record(rec: JournalRecord) -> None:
         raise bad("card_number must be an unsigned 64-bit integer")
     if rec.uid is not None and (type(rec.uid) is not bytes or len(rec.uid) not in _UID_SIZES):
         raise bad("uid must be 4, 7 or 10 bytes")
-    for name in _OPT_TEXT_FIELDS:
+    for name in OPTIONAL_TEXT_FIELDS:
         value = getattr(rec, name)
         if value is not None and (
             type(value) is not str or not 0 < len(value) <= _TEXT_MAX or not value.isprintable()
@@ -642,8 +634,8 @@ def _columns_ok(c: Mapping[str, list[Any]], device_id: str) -> bool:
         and _ints_ok(c["time"], _I64_MIN, _I64_MAX, nullable=False)
         and _ints_ok(c["card_number"], 0, _U64 - 1, nullable=True)
         and all(_ints_ok(c[name], _I64_MIN, _I64_MAX, nullable=True)
-                for name in ("link", *_OPT_INT_FIELDS))
-        and all(_texts_ok(c[name], _is_text, nullable=True) for name in _OPT_TEXT_FIELDS)
+                for name in ("link", *OPTIONAL_INT_FIELDS))
+        and all(_texts_ok(c[name], _is_text, nullable=True) for name in OPTIONAL_TEXT_FIELDS)
         and ("device_id" not in c
              or _texts_ok(c["device_id"], ("", device_id).__contains__, nullable=False))
     ):

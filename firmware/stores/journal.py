@@ -40,6 +40,8 @@ __all__ = [
     "KIND_REPAIR",
     "KIND_TAP",
     "KIND_TOPUP",
+    "OPTIONAL_INT_FIELDS",
+    "OPTIONAL_TEXT_FIELDS",
     "PHASE_DONE",
     "PHASE_EVENT",
     "PHASE_INTENT",
@@ -223,7 +225,9 @@ def _canonical(
     ))
 
 
-_INT_FIELDS = (
+#: The optional integer fields of a record (i64 or absent), and the optional text ones: the
+#: journal's validation and the wire codec's (edge_agent.protocol) take them from here.
+OPTIONAL_INT_FIELDS = (
     "counter_before",
     "counter_after",
     "balance_before",
@@ -232,7 +236,7 @@ _INT_FIELDS = (
     "product",
     "reason",
 )
-_TEXT_FIELDS = ("line", "vehicle", "validator_id", "action_id")
+OPTIONAL_TEXT_FIELDS = ("line", "vehicle", "validator_id", "action_id")
 
 
 def _check_token(value: object, what: str) -> str:
@@ -267,12 +271,12 @@ def _validate(record: JournalRecord) -> None:
         check_u64(card, "card_number")
     if uid is not None and (not isinstance(uid, bytes) or len(uid) not in _UID_SIZES):
         raise InvalidRecord("uid must be 4, 7 or 10 bytes")
-    for name, value in zip(
-        _INT_FIELDS, (c_before, c_after, b_before, b_after, fare, product, reason), strict=True
-    ):
+    ints = (c_before, c_after, b_before, b_after, fare, product, reason)
+    for name, value in zip(OPTIONAL_INT_FIELDS, ints, strict=True):
         if value is not None and (type(value) is not int or not -U63 <= value < U63):
             check_int(value, name)
-    for name, value in zip(_TEXT_FIELDS, (line, vehicle, validator_id, action_id), strict=True):
+    texts = (line, vehicle, validator_id, action_id)
+    for name, value in zip(OPTIONAL_TEXT_FIELDS, texts, strict=True):
         if value is not None and not (
             type(value) is str and 0 < len(value) <= _TEXT_MAX and value.isprintable()
         ):
