@@ -6,7 +6,9 @@ Finding so far: an integer beyond a float's range for a float setting raised Ove
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from edge_agent.errors import AgentConfigError
 from edge_agent.settings import load_settings
 
 _PATH = Path(tempfile.mkdtemp(prefix="afc-fuzz-")) / "agent.toml"
+atexit.register(shutil.rmtree, _PATH.parent, ignore_errors=True)
 
 
 def TestOneInput(data: bytes) -> None:  # the name atheris expects
