@@ -10,15 +10,15 @@ command line; a PEM file is accepted too.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shlex
 import stat
-import tempfile
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from firmware.durable import write_file
 
 from .errors import KeyFileError
 
@@ -45,24 +45,11 @@ def generate_key_file(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
         serialization.NoEncryption(),
     )
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise KeyFileError(f"cannot create key file {path}: {exc.strerror}") from None
-    try:
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, pem)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.link(tmp, path)
+        write_file(path, pem, replace=False)
     except FileExistsError:
         raise KeyFileError(f"{path} already exists; refusing to overwrite a key file") from None
     except OSError as exc:
         raise KeyFileError(f"cannot create key file {path}: {exc.strerror}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
     return key
 
 

@@ -38,7 +38,6 @@ import logging
 import os
 import pwd
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from firmware.durable import write_file
 
 from .errors import AgentError, KeyFileError
 
@@ -175,33 +176,10 @@ def _write_atomic(path: Path, data: bytes, *, mode: int, overwrite: bool,
     both win).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, mode)
-        if owner is not None:
-            os.fchown(fd, *owner)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise IdentityExists(f"{path} exists already: not overwritten") from None
-            os.unlink(tmp)
-        tmp = ""
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    finally:
-        if tmp:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        write_file(path, data, mode=mode, replace=overwrite, owner=owner)
+    except FileExistsError:
+        raise IdentityExists(f"{path} exists already: not overwritten") from None
 
 
 def _check_key_mode(path: Path) -> None:

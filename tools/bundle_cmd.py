@@ -27,7 +27,6 @@ import io
 import itertools
 import json
 import logging
-import os
 import re
 import sys
 import tempfile
@@ -61,6 +60,7 @@ from edge_agent.protocol import (
     encode_bundle,
 )
 from firmware.core.errors import CoreError
+from firmware.durable import write_file
 from simulators.center.errors import CenterError
 
 __all__ = [
@@ -637,22 +637,6 @@ def seal(source: Source, key: Ed25519PrivateKey, version: int, *, base: int | No
     return b, payload
 
 
-def _write_atomic(path: str | Path, data: bytes) -> None:
-    """All or nothing: a half-written bundle must never be left for ``publish``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 @contextlib.contextmanager
 def _refusals() -> Iterator[None]:
     """Problems in a table (not in the options or files) leave as :class:`BundleRefused`."""
@@ -732,7 +716,7 @@ def sign(kind: str, version: int, base: int | None, key_path: str, in_path: str,
         source = read_source(kind, in_path)
         b, payload = seal(source, key, version, base=base, target=target,
                           expires_in_s=expires_in_s)
-    _write_atomic(out_path, payload)
+    write_file(out_path, payload)
     click.echo(json.dumps(_summary(b, len(payload))))
 
 
@@ -978,7 +962,7 @@ def build(kind: str, from_path: str | None, old_path: str | None, new_path: str 
     if many:
         out_dir.mkdir(parents=True, exist_ok=True)
     for dest, data in outputs:
-        _write_atomic(dest, data)
+        write_file(dest, data)
     if as_json:
         click.echo(json.dumps(results if many else results[0]))
         return

@@ -24,7 +24,6 @@ import logging
 import os
 import re
 import secrets
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from edge_agent.errors import AgentConfigError
 from edge_agent.keys import generate_key_file, load_public_key, public_hex
 from edge_agent.pki import IdentityExists, LocalCa, PkiError, check_device_id
 from edge_agent.protocol import BUNDLE_KINDS
+from firmware.durable import write_file
 
 __all__ = [
     "AclRule",
@@ -209,20 +209,10 @@ def default_acl() -> Path:
 def _write_new(path: Path, data: bytes, mode: int) -> None:
     """Write a new file complete or not at all, ``mode`` set before any byte is written;
     never over an existing file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise DeviceError(f"{path} exists already: not overwritten") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        write_file(path, data, mode=mode, replace=False)
+    except FileExistsError:
+        raise DeviceError(f"{path} exists already: not overwritten") from None
 
 
 def _toml_str(value: str) -> str:

@@ -12,12 +12,10 @@ a CMAC, the way they would ask a SAM. Everything but :class:`FileKeyStore` is pu
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shlex
 import stat
-import tempfile
 import tomllib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -27,7 +25,7 @@ from typing import NoReturn
 from cryptography.hazmat.primitives import cmac as _cmac
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from firmware.durable import fsync_dir
+from firmware.durable import write_file
 
 from .errors import CodecError, KeyStoreError
 
@@ -573,25 +571,11 @@ class FileKeyStore(_SoftwareKeyStore):
         if os.path.lexists(path):
             _refuse_overwrite(path)
         try:
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        except OSError as exc:
-            raise KeyStoreError(f"cannot create key store {path}: {exc.strerror}") from None
-        try:
-            try:
-                os.fchmod(fd, 0o600)
-                os.write(fd, text.encode("ascii"))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.link(tmp, path)
+            write_file(path, text.encode("ascii"), replace=False)
         except FileExistsError:
             _refuse_overwrite(path)
         except OSError as exc:
             raise KeyStoreError(f"cannot create key store {path}: {exc.strerror}") from None
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-        fsync_dir(path.parent)
         return cls.open(path)
 
     @classmethod

@@ -20,18 +20,16 @@ save leaves the old file, never half a card.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from firmware.core.classic_layout import BLOCK_SIZE, CardType
 from firmware.core.iso14443a import CASCADE_TAG
-from firmware.durable import fsync_dir
+from firmware.durable import write_file
 
 from ..errors import CardFileError
 
@@ -349,20 +347,7 @@ def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
     Writes a temporary file in the same directory, fsyncs it, renames it over ``path`` and
     fsyncs the directory. The file gets mode 0600: dumps hold keys.
     """
-    path = Path(path)
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
+    write_file(path, data)
 
 
 def save_card_image(
