@@ -20,7 +20,6 @@ Findings so far: none (see tests/test_fuzz_bundles.py for the regression tests).
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import hashlib
 import logging
@@ -500,19 +499,8 @@ class BundleRig:
         return result
 
 
-_RIG: BundleRig | None = None
-_USES = 0
-
-
-@atexit.register
-def _close_rig() -> None:
-    """Remove the last throw-away database when the fuzzing process ends."""
-    global _RIG
-    if _RIG is not None:
-        _RIG.close()
-        _RIG = None
 #: Inputs per database: long enough for chains of versions, short enough to stay small.
-RIG_INPUTS = 200
+RIGS = _common.RigPool(BundleRig, 200)
 
 
 @contextlib.contextmanager
@@ -533,20 +521,15 @@ def TestOneInput(data: bytes) -> None:  # the name atheris expects
 
 
 def _one_input(data: bytes) -> None:
-    global _RIG, _USES
-    if _RIG is None or _USES >= RIG_INPUTS:
-        if _RIG is not None:
-            _RIG.close()
-        _RIG, _USES = BundleRig(), 0
-    _USES += 1
+    rig = RIGS.next()
     d = Draw(data)
     for _ in range(1 + d.below(3)):
-        topic, payload = message(d, _RIG.db)
-        _RIG.deliver(topic, payload)
+        topic, payload = message(d, rig.db)
+        rig.deliver(topic, payload)
         if d.chance(40):  # the retained copy again, or after a resync-config
             if d.chance(128):
-                _RIG.sync.forget()
-            _RIG.deliver(topic, payload)
+                rig.sync.forget()
+            rig.deliver(topic, payload)
 
 
 if __name__ == "__main__":

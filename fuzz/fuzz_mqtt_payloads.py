@@ -27,7 +27,6 @@ Findings so far: none (see tests/test_fuzz_mqtt_payloads.py).
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
 import hashlib
 import random
@@ -333,18 +332,8 @@ class MqttRig:
         return self._json(d, SITE_ID, d.pick(("status", "telemetry", "event")))
 
 
-_RIG: MqttRig | None = None
-_USES = 0
-
-
-@atexit.register
-def _close_rig() -> None:
-    """Remove the last throw-away databases when the fuzzing process ends."""
-    global _RIG
-    if _RIG is not None:
-        _RIG.close()
-        _RIG = None
-RIG_INPUTS = 300
+#: Inputs per rig before a fresh one.
+RIGS = _common.RigPool(MqttRig, 300)
 
 
 def deliver(rig: MqttRig, leaf: str, topic: str, payload: bytes) -> None:
@@ -360,18 +349,13 @@ def TestOneInput(data: bytes) -> None:  # the name atheris expects
 
 
 def _one_input(data: bytes) -> None:
-    global _RIG, _USES
-    if _RIG is None or _USES >= RIG_INPUTS:
-        if _RIG is not None:
-            _RIG.close()
-        _RIG, _USES = MqttRig(), 0
-    _USES += 1
+    rig = RIGS.next()
     d = Draw(data)
     for _ in range(1 + d.below(3)):
-        leaf, topic, payload = _RIG.message(d)
-        deliver(_RIG, leaf, topic, payload)
+        leaf, topic, payload = rig.message(d)
+        deliver(rig, leaf, topic, payload)
         if d.chance(30):  # QoS 1 delivers twice now and then
-            deliver(_RIG, leaf, topic, payload)
+            deliver(rig, leaf, topic, payload)
 
 
 if __name__ == "__main__":

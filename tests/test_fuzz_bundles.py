@@ -40,7 +40,7 @@ entries = st.lists(st.tuples(cards, st.integers(0, 0xFFFF), uids), max_size=6)
 @pytest.fixture(scope="module", autouse=True)
 def _close_harness_rig():
     yield
-    fb._close_rig()
+    fb.RIGS.close()
 
 
 @pytest.fixture
