@@ -12,9 +12,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from firmware.apps.topup import CreditAllowance
-from firmware.apps.validator import masked
 from firmware.core import classic_layout as layout
-from firmware.core.anticollision import Field, select_card
+from firmware.core.anticollision import Field, masked_uid, select_card
 from firmware.core.card_layout import Identity
 from firmware.core.keys import FileKeyStore
 from firmware.core.mifare import ClassicReader
@@ -77,7 +76,7 @@ def test_afc_topup_loads_a_card_through_the_emulated_reader(tmp_path):
     out = result.stdout
     assert "credit left: 1000,00 TL" in out and "credit left: 975,00 TL" in out
     assert "error:" in result.stderr  # "load inf" is refused, and the terminal carries on
-    assert f"Kart / Card  {number}  ({masked(uid)})" in out
+    assert f"Kart / Card  {number}  ({masked_uid(uid)})" in out
     assert "Yükleme / Top-up  25,00 TL" in out and "Bakiye / Balance  125,00 TL" in out
     assert uid.hex().upper() not in out.upper()
 

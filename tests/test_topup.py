@@ -40,10 +40,9 @@ from firmware.apps.topup import (
     allowance_ref,
 )
 from firmware.apps.ui import RecordingUi, Signal
-from firmware.apps.validator import masked
 from firmware.core import classic_layout as layout
 from firmware.core import tariffs
-from firmware.core.anticollision import Field
+from firmware.core.anticollision import Field, masked_uid
 from firmware.core.card_layout import Identity, PassBlock
 from firmware.core.errors import AuthenticationError, CoreError
 from firmware.core.fares import TripRecord
@@ -190,7 +189,7 @@ def test_load_adds_the_amount_journals_it_and_prints_a_receipt(tmp_path, utc_hos
     assert str(bayi.card_number) in text
     assert "50,00 TL" in text and "150,00 TL" in text
     assert f"İşlem no / Ref  {intent.seq}" in text
-    assert masked(bayi.card.uid) in text
+    assert masked_uid(bayi.card.uid) in text
     uid_hex = bayi.card.uid.hex()
     assert uid_hex not in text.lower() and uid_hex[:4] not in text.lower()
     # the receipt shows Konya's time whatever the host's zone (12:00 local = 09:00 UTC)

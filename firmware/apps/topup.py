@@ -36,6 +36,7 @@ from zoneinfo import ZoneInfo
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from firmware.core.anticollision import masked_uid
 from firmware.core.card_layout import PassBlock
 from firmware.core.errors import AuthenticationError, CoreError
 from firmware.core.fares import FareTable
@@ -55,7 +56,7 @@ from firmware.stores.journal import KIND_TOPUP, JournalRecord
 
 from .card_keys import OlderCardKeys, key_version_of
 from .ui import Signal, Ui
-from .validator import masked, tl
+from .validator import tl
 
 log = logging.getLogger("afc.topup")
 
@@ -176,7 +177,7 @@ class Receipt:
         return "\n".join([
             "KONYAKART - BAYİ YÜKLEME",
             f"Terminal {self.terminal_id}   {when}",
-            f"Kart / Card  {self.card_number}  ({masked(self.uid)})",
+            f"Kart / Card  {self.card_number}  ({masked_uid(self.uid)})",
             what,
             f"Bakiye / Balance  {tl(self.balance_after)}",
             f"İşlem no / Ref  {self.journal_seq}",
@@ -300,7 +301,7 @@ class TopupTerminal:
             purse = OlderCardKeys.of(self.keys).open(purse)
             snap = purse.read()
             log.info("topup %s: card uid=%s read under card key version %d (not the current "
-                     "one): written back under it", self.db.device_id, masked(purse.uid),
+                     "one): written back under it", self.db.device_id, masked_uid(purse.uid),
                      key_version_of(purse))
         if snap.state not in (PurseState.CONSISTENT, PurseState.GHOST_TRIP):
             snap = purse.repair(snap)

@@ -56,8 +56,6 @@ from .ui import Signal, Ui
 log = logging.getLogger("afc.validator")
 
 
-#: A UID for logs (its last two bytes only); the one definition is in the anticollision layer.
-masked = masked_uid
 
 
 def tl(kurus: int) -> str:
@@ -232,16 +230,16 @@ class Validator:
                 out.key_version = key_version_of(purse)
                 log.info("validator %s: card uid=%s read under card key version %d (not the "
                          "current one): written back under it", self.config.device_id,
-                         masked(uid), out.key_version)
+                         masked_uid(uid), out.key_version)
         except AuthenticationError:
             self.limiter.note_auth_failure(uid, now)
             out.note = "not our card"
-            log.info("tap uid=%s: authentication failed (not a fare card?)", masked(uid))
+            log.info("tap uid=%s: authentication failed (not a fare card?)", masked_uid(uid))
             self.ui.show("Geçersiz kart", "Invalid card", Signal.REJECT)
             return
         except CardForged as exc:
             out.note = f"forged: {exc}"
-            log.warning("tap uid=%s: forged card: %s", masked(uid), exc)
+            log.warning("tap uid=%s: forged card: %s", masked_uid(uid), exc)
             self._event(None, uid, now, Reason.CARD_BLOCKED, "forged", out)
             self._try_block(purse)
             self.ui.show("Kart bloke", "Card blocked", Signal.REJECT)
