@@ -540,6 +540,8 @@ class BusDay:
                 result.error = result.error or f"empty poll: {type(exc).__name__}: {exc}"
             if stray is not None:
                 result.error = result.error or f"a tap with no card on the reader: {stray}"
+            else:  # and does its idle work: the ride's done record, a checkpoint
+                self.devices[event.device].app.housekeeping()
         return result
 
     def _top_up(self, event: Event, result: EventResult) -> None:

@@ -447,6 +447,7 @@ def test_a_validator_reads_cards_of_both_key_versions_after_rotation(rotated, st
         out = validator.tap(_field_access(old))
         assert out.accepted and out.key_version == 1, out
         assert out.balance == 5000 - FULL_FARE
+        validator.finish_tap()  # the loop's next idle moment: the ride's done record
         assert db.journal.verify() == [] and db.journal.open_intents() == []
     # the old card was charged under its own version and stays there: never re-keyed mid-tap
     assert read_back(old, keys, version=1).balance == 5000 - FULL_FARE

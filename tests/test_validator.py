@@ -181,6 +181,7 @@ class Device:
         card.place()
         out = self.v.poll()
         assert out is not None, "the card was not seen"
+        self.v.finish_tap()  # what the loop's next idle moment does: the ride's done record
         return out
 
     @property
@@ -790,6 +791,77 @@ def test_disk_full_means_out_of_service_and_no_charge(front, wall):
     events = [(e.event, e.severity, e.time) for e in db.events.pending()]
     assert events == [("out-of-service", "alarm", (wall.t - 5) * 1000),
                       ("in-service", "info", wall.t * 1000)]
+
+
+def _ride_records(dev: Device, card_number: int) -> list[tuple[str, str | None]]:
+    return [(r.phase, r.outcome) for r in dev.journal()
+            if r.card_number == card_number and r.kind == KIND_TAP]
+
+
+def test_the_done_record_follows_after_the_beep(front, wall):
+    """The rider waits for the card and the fsynced intent only; the done record is written
+    at the validator's next idle moment, or first thing at the next tap if none came."""
+    card = make_card(FULL)
+    front.air.cards[:] = [card]
+    card.place()
+    out = front.v.poll()
+    assert out.accepted and front.shown[2] is Signal.OK
+    assert read(card).balance == FULL.balance - FULL_FARE, "the card is written before"
+    [intent] = front.db.journal.open_intents()
+    assert _ride_records(front, FULL.number) == [(PHASE_INTENT, None)]
+    front.v.housekeeping()  # the loop's idle step once the card has gone
+    assert front.db.journal.open_intents() == []
+    assert _ride_records(front, FULL.number) == [(PHASE_INTENT, None), (PHASE_DONE, "ok")]
+    assert done_for(front.journal(), intent).balance_after == FULL.balance - FULL_FARE
+    # no idle moment between two cards: the next tap writes the previous done first
+    other = make_card(STUDENT)
+    front.air.cards[:] = [other]
+    other.place()
+    assert front.v.poll().accepted
+    assert [r.card_number for r in front.db.journal.open_intents()] == [STUDENT.number], \
+        "the second ride's own done waits for the next idle moment"
+    wall.advance(120)
+    card.place()
+    front.air.cards[:] = [card]
+    assert front.v.poll().accepted
+    assert [r.card_number for r in front.db.journal.open_intents()] == [FULL.number]
+    assert _ride_records(front, STUDENT.number)[-1] == (PHASE_DONE, "ok")
+    assert front.db.journal.verify() == []
+
+
+def test_a_done_the_database_cannot_take_is_kept_and_written_when_it_can(front, wall):
+    db = front.db
+    card = make_card(FULL)
+    front.air.cards[:] = [card]
+    card.place()
+    assert front.v.poll().accepted
+    conn = db.connection
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+    with pytest.raises(StoreUnavailable):
+        for _ in range(10_000):  # fill the database to the last byte
+            db.journal.event({"kind": "alarm", "time": 1})
+    front.v.housekeeping()
+    assert front.v.out_of_service and front.shown[2] is Signal.OUT_OF_SERVICE
+    [intent] = db.journal.open_intents()
+    front.v.housekeeping()  # still full: still pending, still out of service
+    assert front.v.out_of_service and len(db.journal.open_intents()) == 1
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    front.v.housekeeping()
+    assert not front.v.out_of_service and db.journal.open_intents() == []
+    done = done_for(front.journal(), intent)
+    assert (done.outcome, done.balance_after) == ("ok", FULL.balance - FULL_FARE)
+    assert [e.event for e in db.events.pending()] == ["out-of-service", "in-service"]
+
+
+def test_a_validator_stopped_with_a_done_pending_writes_it(front, wall):
+    card = make_card(FULL)
+    front.air.cards[:] = [card]
+    card.place()
+    polls = iter([True])  # one turn of the loop (the tap), then the stop: no idle moment
+    front.v.run(stop=lambda: next(polls, False) is False, idle_sleep=0)
+    assert front.db.journal.open_intents() == []
+    assert _ride_records(front, FULL.number) == [(PHASE_INTENT, None), (PHASE_DONE, "ok")]
 
 
 def test_reader_changes_are_events_once_each(front, wall):

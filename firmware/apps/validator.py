@@ -13,7 +13,11 @@ One tap (:meth:`Validator.tap`):
 5. pending online loads (the action list) are applied, each exactly once;
 6. the fare engine decides (a pure function); a refusal is journaled as an event and shown;
 7. the journal's *intent* is made durable, the card is written (tear-safe protocol), the
-   *done* record follows; the display shows the fare and the new balance.
+   display shows the fare and the new balance; the ride's *done* record follows "after the
+   beep" (:meth:`Validator.finish_tap`: at the next idle moment, or first thing at the next
+   tap), so the rider waits for the card and the fsynced intent only. A done lost to a power
+   cut in between is the tap in doubt that DESIGN.md plans for: the intent stays open and is
+   settled from the card's counter and trip log when the card is next seen.
 
 If the journal cannot be written (disk full, database error) the validator charges nothing:
 it shows "out of service" and tries again at the next poll, recovering by itself when the
@@ -44,7 +48,7 @@ from firmware.core.purse import (
     PurseState,
     topup_trip,
 )
-from firmware.stores.errors import StoreError, StoreUnavailable
+from firmware.stores.errors import NotFound, StoreError, StoreUnavailable
 from firmware.stores.journal import KIND_ACTION_APPLIED, KIND_REJECTION, KIND_REPAIR, KIND_TAP
 from firmware.stores.ratelimit import AuthFailureLimiter
 
@@ -162,6 +166,8 @@ class Validator:
         self._out_reported = False
         self.reader_ok: bool | None = None
         self._fares_version = self._config_version("fares")
+        # the last ride's done record, written after the beep: (seq, counter, balance)
+        self._done_pending: tuple[int, int, int] | None = None
 
     # -- journal helpers ------------------------------------------------------------------
 
@@ -200,6 +206,7 @@ class Validator:
         out = TapOutcome(uid)
         self._taps_since_checkpoint += 1
         try:
+            self.finish_tap()  # the previous ride's, when no idle moment came between
             self._tap(access, uid, now, out)
             if self.out_of_service:
                 self._back_in_service(now)
@@ -329,7 +336,7 @@ class Validator:
         })
         out.seqs.append(seq)
         new = purse.apply(snap, trip, decision.day_spent)
-        self.db.journal.done(seq, "ok", counter_after=new.counter, balance_after=new.balance)
+        self._done_pending = (seq, new.counter, new.balance)  # finish_tap() writes it
         out.fare, out.balance, out.counter = decision.fare, new.balance, new.counter
         line2 = f"Bakiye {tl(new.balance)}"
         if trip.flags & 0x0F == PRODUCT_PASS:
@@ -521,14 +528,45 @@ class Validator:
     #: Taps between two idle checkpoints of the device database (see :meth:`housekeeping`).
     CHECKPOINT_EVERY_TAPS = 16
 
+    def finish_tap(self) -> bool:
+        """Write what the last ride left for after the beep: its journal *done* record.
+        True if there was one.
+
+        Called at the next idle moment (:meth:`housekeeping`), at the start of the next tap,
+        and by whoever stops the validator. :class:`StoreUnavailable` if the database cannot
+        take it: the record stays pending and is tried again (out of service meanwhile).
+        """
+        pending = self._done_pending
+        if pending is None:
+            return False
+        seq, counter, balance = pending
+        try:
+            self.db.journal.done(seq, "ok", counter_after=counter, balance_after=balance)
+        except NotFound:
+            log.warning("validator %s: seq=%d was settled before its done record was written",
+                        self.config.device_id, seq)
+        self._done_pending = None
+        return True
+
     def housekeeping(self) -> None:
         """Work that must not lengthen a tap, done while no card is in the field.
 
-        A WAL checkpoint once a few taps were journaled: the journal's commits then keep
-        overwriting WAL space that already exists (a sync without file growth, and no
-        checkpoint on a tap), and the WAL stays a few hundred KB. A failure is logged, not
-        raised: the next durable write reports a broken database where it matters.
+        The last ride's done record first (:meth:`finish_tap`); a database that cannot take
+        it puts the validator out of service until it can. Then a WAL checkpoint once a few
+        taps were journaled: the journal's commits then keep overwriting WAL space that
+        already exists (a sync without file growth, and no checkpoint on a tap), and the WAL
+        stays a few hundred KB. A failed checkpoint is logged, not raised: the next durable
+        write reports a broken database where it matters.
         """
+        try:
+            if self.finish_tap() and self.out_of_service:
+                self._back_in_service(self.clock.now())
+        except StoreUnavailable as exc:
+            if not self.out_of_service:
+                self._go_out_of_service(self.clock.now(), exc)
+                self.ui.show("HİZMET DIŞI", "Out of service", Signal.OUT_OF_SERVICE)
+            log.error("validator %s out of service: %s", self.config.device_id, exc)
+            return
         self._pick_up_fares()
         if self._taps_since_checkpoint < self.CHECKPOINT_EVERY_TAPS:
             return
@@ -540,11 +578,18 @@ class Validator:
 
     def run(self, *, stop=lambda: False, idle_sleep: float = 0.05) -> None:
         """Poll until ``stop()`` is true."""
-        while not stop():
-            try:
-                if self.poll() is None:
-                    self.housekeeping()
+        try:
+            while not stop():
+                try:
+                    if self.poll() is None:
+                        self.housekeeping()
+                        time.sleep(idle_sleep)
+                except CoreError as exc:
+                    log.warning("validator %s: %s", self.config.device_id, exc)
                     time.sleep(idle_sleep)
-            except CoreError as exc:
-                log.warning("validator %s: %s", self.config.device_id, exc)
-                time.sleep(idle_sleep)
+        finally:
+            try:
+                self.finish_tap()
+            except StoreError as exc:  # the intent stays open: settled at the card's next tap
+                log.error("validator %s: last done record not written: %s",
+                          self.config.device_id, exc)
