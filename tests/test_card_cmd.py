@@ -27,7 +27,7 @@ from firmware.core import card_layout as cl
 from firmware.core import classic_layout as layout
 from firmware.core import tariffs
 from firmware.core.anticollision import Field, select_card
-from firmware.core.card_layout import CardMacs
+from firmware.core.card_layout import MAC_AID, MAC_SYSTEM
 from firmware.core.errors import AuthenticationError
 from firmware.core.fares import CardType
 from firmware.core.keys import FileKeyStore, MemoryKeyStore
@@ -164,7 +164,8 @@ def test_inspect_never_shows_key_material(rig, store):
     keys = FileKeyStore.open(store)
     uid = r.cards[0].uid
     secrets = [keys.classic_key(uid, s, kt) for s in range(4) for kt in "AB"]
-    secrets += list(CardMacs(keys, uid)._keys.values())
+    secrets += [keys.diversify("purse-mac", uid, MAC_AID, system)
+                for system in MAC_SYSTEM.values()]
     secrets += [bytes.fromhex(v) for line in store.read_text().splitlines()
                 if line[:1].isdigit() for v in [line.split('"')[1]]]
     outputs = [run("card", "inspect", "--reader", r.url, "--keys", str(store), *flag).stdout

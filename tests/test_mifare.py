@@ -20,6 +20,7 @@ from firmware.core.errors import (
     ProtocolError,
 )
 from firmware.core.iso14443a import SILENCE, BitFrame
+from firmware.core.classic_layout import KeyType
 from firmware.core.mifare import (
     NACK_INVALID_OP,
     CardState,
@@ -329,10 +330,20 @@ _VALUES = st.builds(
     st.sampled_from([5, 6]) | st.integers(0, 255),
 )
 _AMOUNTS = st.integers(0, 3000) | st.integers(0, 2**31 - 1)
+# the keys and key types authenticate takes: the C path's and the ones it hands back
+_AUTH_KEYS = st.sampled_from(
+    [FFKEY, KEY_A, KEY_B, bytearray(FFKEY), int.from_bytes(FFKEY, "big"), b"short", 1 << 48]
+)
+_KEY_TYPES = st.sampled_from(["A", "B", "a", "b", KeyType.A, KeyType.B, "C"])
+# what the reader hears instead of an answer: silence, a 4-bit NACK, any other length
+_MANGLED = st.tuples(
+    st.integers(0, (1 << 80) - 1), st.sampled_from([0, 4, 8, 18, 27, 36, 37, 45, 72, 162])
+)
 _SESSION_OPS = st.lists(
     st.one_of(
         st.tuples(st.just("auth"), st.sampled_from([4, 8]), st.just(FFKEY), st.just("A")),
         st.tuples(st.just("auth"), _BLOCKS, st.sampled_from([FFKEY, KEY_A]), st.sampled_from("AB")),
+        st.tuples(st.just("auth"), _BLOCKS, _AUTH_KEYS, _KEY_TYPES),
         st.tuples(st.just("read"), _BLOCKS),
         st.tuples(st.just("write"), _BLOCKS, st.binary(min_size=16, max_size=16) | _VALUES),
         st.tuples(st.sampled_from(["increment", "decrement"]), _BLOCKS, _AMOUNTS),
@@ -349,6 +360,7 @@ _SESSION_OPS = st.lists(
         st.tuples(st.just("air"), st.integers(0, (1 << 200) - 1), st.integers(0, 200)),
         st.tuples(st.just("flip"), st.integers(1, 3)),
         st.tuples(st.just("tear"), st.integers(1, 4), st.booleans()),
+        st.tuples(st.just("mangle"), st.integers(1, 3), _MANGLED),
     ),
     max_size=30,
 )
@@ -359,7 +371,11 @@ def _session_transcript(seed: int, ops: list[tuple], *, slow: bool) -> list[tupl
 
     ``slow``: the card's and the tag's C paths are switched off, the reader has a tracer
     (which keeps it on its Python paths) and a fault is armed that never fires (which keeps
-    the virtual card on its fault-checking path, which goes through ``ClassicTag.handle``)."""
+    the virtual card on its fault-checking path, which goes through ``ClassicTag.handle``).
+
+    Every frame on the air, both ways, is part of the transcript, and so is the protocol
+    state of both sides (:func:`_protocol_state`). A "mangle" op replaces an answer the card
+    gave with another frame before the reader hears it."""
     from firmware.core import mifare
     from firmware.core.anticollision import Field, select_card
     from simulators.cards import VirtualCard
@@ -367,20 +383,38 @@ def _session_transcript(seed: int, ops: list[tuple], *, slow: bool) -> list[tupl
     rng = random.Random(seed)
     card = VirtualCard.new(layout.CardType.CLASSIC_1K, rng=random.Random(seed))
     field = Field([card])
-    saved = mifare.classic_card_frame, mifare.classic_tag_frame
+    saved = (
+        mifare.classic_card_frame,
+        mifare.classic_tag_frame,
+        mifare.classic_reader_authenticate,
+    )
     if slow:
         mifare.classic_card_frame = lambda card, frame: None
         mifare.classic_tag_frame = lambda tag, frame: None
+        mifare.classic_reader_authenticate = lambda *args: False
         card.faults.tear_after(10**9)
     out: list[tuple] = []
+    air: list[tuple] = []
+    mangle: list = [None, None]  # answers to go, the frame the reader hears instead
+
+    def transceive(frame: BitFrame) -> BitFrame:
+        answer = field.transceive(frame)
+        air.append((_frame_key(frame), _frame_key(answer)))
+        if mangle[0] is not None:
+            mangle[0] -= 1
+            if mangle[0] == 0:
+                mangle[0] = None
+                return mangle[1]
+        return answer
+
     try:
         reader = None
 
         def connect() -> ClassicReader:
             field.reset()
-            selected = select_card(field.transceive)
+            selected = select_card(transceive)
             return ClassicReader(
-                field.transceive,
+                transceive,
                 selected.uid,
                 nonce=lambda: rng.getrandbits(32),
                 tracer=(lambda entry: None) if slow else None,
@@ -404,11 +438,15 @@ def _session_transcript(seed: int, ops: list[tuple], *, slow: bool) -> list[tupl
                     result = reader.uid
                 elif name == "air":
                     bits, length = args
-                    result = field.transceive(BitFrame(bits & ((1 << length) - 1), length))
+                    result = transceive(BitFrame(bits & ((1 << length) - 1), length))
                 elif name == "flip":
                     result = card.faults.flip_bits(*args)
                 elif name == "tear":
                     result = card.faults.tear_after(args[0], answer=args[1])
+                elif name == "mangle":
+                    bits, length = args[1]
+                    mangle[:] = [args[0], BitFrame(bits & ((1 << length) - 1), length)]
+                    result = None
                 elif name == "value+transfer":
                     how, block, amount, target = args
                     if reader.cipher is None:
@@ -440,11 +478,44 @@ def _session_transcript(seed: int, ops: list[tuple], *, slow: bool) -> list[tupl
                     card.in_field,
                     card.counters.as_dict(),
                     reader.cipher is None,
+                    _protocol_state(tag.card, reader),
+                    tuple(air),
                 )
             )
+            air.clear()
     finally:
-        mifare.classic_card_frame, mifare.classic_tag_frame = saved
+        (
+            mifare.classic_card_frame,
+            mifare.classic_tag_frame,
+            mifare.classic_reader_authenticate,
+        ) = saved
     return out
+
+
+def _frame_key(frame: BitFrame) -> tuple:
+    return type(frame), frame.bits, type(frame.bits), frame.length, frame.collision
+
+
+def _cipher_key(cipher) -> tuple | None:
+    """A cipher as its class and register, or None."""
+    return None if cipher is None else (type(cipher), cipher.lfsr)
+
+
+def _protocol_state(card: ClassicCard, reader: ClassicReader) -> tuple:
+    """Every attribute an authentication sets, on both sides, with its type."""
+    return (
+        card.state,
+        _cipher_key(card.cipher),
+        card._nt,
+        type(card._nt),
+        card.auth_sector,
+        card.auth_key_type,
+        card._transfer_buffer,
+        card._pending_block,
+        card._pending_op,
+        _cipher_key(reader.cipher),
+        reader.sector_block,
+    )
 
 
 @settings(max_examples=150, deadline=None)
@@ -467,3 +538,325 @@ def test_fast_paths_are_taken():
     assert _framing.classic_card_frame(card, BitFrame(0, 0)) is None  # not a session frame
     assert _framing.classic_tag_frame(card, frame) is None  # not a tag
     assert _framing.classic_reader_ack(reader, BitFrame(0, 0), "x") is False
+
+
+# ---------------------------------------------------------------------------------------------
+# The authentication in C (classic_reader_authenticate; the card's nonce in _card_frame) against
+# the Python methods, scenario by scenario: every outcome, frame and state must be the same
+# ---------------------------------------------------------------------------------------------
+
+
+class _Air:
+    """The reader's transceive to a card, recording both directions; ``script`` maps the
+    number of a frame (1 = the next one) to what the reader hears instead of the answer
+    (a callable of the answer) or to ``"lost"`` (the frame never reaches the card)."""
+
+    def __init__(self, card: ClassicCard) -> None:
+        self.card = card
+        self.frames: list[tuple] = []
+        self.script: dict[int, object] = {}
+        self.count = 0
+
+    def __call__(self, frame: BitFrame) -> BitFrame:
+        self.count += 1
+        change = self.script.pop(self.count, None)
+        if change == "lost":
+            answer = SILENCE
+        else:
+            answer = self.card.handle(frame)
+            if change is not None:
+                answer = change(answer)
+        self.frames.append((_frame_key(frame), _frame_key(answer)))
+        return answer
+
+    def then(self, n: int, change) -> None:
+        """Change the ``n``-th frame from now."""
+        self.script[self.count + n] = change
+
+
+class _Int(int):
+    pass
+
+
+class _Frame(BitFrame):
+    __slots__ = ()
+
+
+def _nack_frame(answer: BitFrame) -> BitFrame:
+    return BitFrame(0x4, 4)
+
+
+def _as_subclass(answer: BitFrame) -> BitFrame:
+    return _Frame(answer.bits, answer.length) if answer else answer
+
+
+def _auth(block, key=FFKEY, key_type="A"):
+    return lambda card, reader, air: reader.authenticate(block, key, key_type)
+
+
+def _change(n, change):
+    return lambda card, reader, air: air.then(n, change)
+
+
+def _read(block):
+    return lambda card, reader, air: reader.read(block)
+
+
+_SECURED = [_auth(4), lambda card, reader, air: secure_sector(reader, 2)]
+_AUTH_SCENARIOS = {
+    "plain": [_auth(4), _read(4)],
+    "plain key as int, type b": [_auth(5, int.from_bytes(FFKEY, "big"), "b"), _read(4)],
+    "plain bytearray key, KeyType": [_auth(6, bytearray(FFKEY), KeyType.B)],
+    "nested": [*_SECURED, _auth(8, KEY_B, "B"), _read(8), _auth(5), _read(4), _auth(9, KEY_A)],
+    "nested sector trailer": [_auth(4), _auth(63), _read(63)],
+    "wrong key": [_auth(4, KEY_A), _auth(4)],
+    "wrong key type": [*_SECURED, _auth(8, KEY_B, "A")],
+    "nested wrong key": [*_SECURED, _auth(8, FFKEY, "B"), _auth(4)],
+    "block not on the card": [_auth(64), _auth(4)],
+    "nested, block not on the card": [_auth(4), _auth(200, KEY_A, "B")],
+    "block out of range": [_auth(256), _auth(-1), _auth(True)],
+    "bad key type": [_auth(4, FFKEY, "C"), _auth(4, FFKEY, None)],
+    "bad key": [_auth(4, b"short"), _auth(4, 1 << 48), _auth(4, -1), _auth(4, "FFFFFFFFFFFF")],
+    "silence to AUTH": [_change(1, "lost"), _auth(4)],
+    "nested, silence to AUTH": [_auth(4), _change(1, "lost"), _auth(8)],
+    "card torn after its nonce": [_change(2, "lost"), _auth(4)],
+    "nested, card torn after its nonce": [_auth(4), _change(2, "lost"), _auth(8)],
+    "NACK to AUTH": [_change(1, _nack_frame), _auth(4)],
+    "nonce of 18 bits": [_change(1, lambda a: BitFrame(a.bits & 0x3FFFF, 18)), _auth(4)],
+    "nested nonce of 45 bits": [_auth(4), _change(1, lambda a: BitFrame(a.bits, 45)), _auth(8)],
+    "nonce with a bad parity bit": [_change(1, lambda a: _flip(a, 17)), _auth(4)],
+    "nested nonce with a bad parity bit": [_auth(4), _change(1, lambda a: _flip(a, 8)), _auth(8)],
+    "nested nonce with a bad data bit": [_auth(4), _change(1, lambda a: _flip(a, 30)), _auth(8)],
+    "nonce as a BitFrame subclass": [_change(1, _as_subclass), _auth(4), _read(4)],
+    "NACK to the reader's answer": [_change(2, _nack_frame), _auth(4)],
+    "{at} with a bad parity bit": [_change(2, lambda a: _flip(a, 26)), _auth(4)],
+    "{at} wrong, parity right": [_change(2, lambda a: _flip(_flip(a, 9), 17)), _auth(4)],
+    "{at} of 45 bits": [_change(2, lambda a: BitFrame(a.bits, 45)), _auth(4)],
+    "{at} as a BitFrame subclass": [_change(2, _as_subclass), _auth(4), _read(4)],
+    "nested {at} wrong": [_auth(4), _change(2, lambda a: _flip(_flip(a, 0), 8)), _auth(8)],
+    "session dropped by a bad answer, then plain": [
+        _auth(4), _change(1, lambda a: _flip(a, 3)), _read(4), _auth(4),
+    ],
+}
+
+
+def _auth_transcript(steps, *, fast: bool, cipher=Crypto1, nonces=None, reader_nonce=None):
+    """Run ``steps`` on a fresh pair, the C authentication paths on (``fast``) or off; each
+    step's outcome with the frames on the air and the protocol state after it."""
+    from firmware.core import mifare
+
+    card, reader, memory = make_pair(cipher=cipher)
+    if nonces is not None:
+        card._nonces = nonces()
+    if reader_nonce is not None:
+        reader._nonce = reader_nonce()
+    air = _Air(card)
+    reader._transceive = air
+    saved = mifare.classic_card_frame, mifare.classic_reader_authenticate
+    if not fast:
+        mifare.classic_card_frame = lambda card, frame: None
+        mifare.classic_reader_authenticate = lambda *args: False
+    out = []
+    try:
+        for step in steps:
+            try:
+                result = ("ok", step(card, reader, air))
+            except Exception as exc:  # noqa: BLE001 - compared, not swallowed
+                result = ("raised", type(exc), str(exc))
+            out.append((result, tuple(air.frames), _protocol_state(card, reader), bytes(memory)))
+            air.frames.clear()
+    finally:
+        mifare.classic_card_frame, mifare.classic_reader_authenticate = saved
+    return out
+
+
+@pytest.mark.parametrize("name", list(_AUTH_SCENARIOS))
+def test_authentication_in_c_matches_python(name):
+    steps = _AUTH_SCENARIOS[name]
+    fast = _auth_transcript(steps, fast=True)
+    assert fast == _auth_transcript(steps, fast=False)
+    assert any(frames for _, frames, _, _ in fast) or "range" in name or "bad" in name
+
+
+def test_authentication_scenarios_end_as_expected():
+    """The scenarios above test what they say (else comparing them proves little)."""
+
+    def outcomes(name):
+        return [r[0] if r[0] == "ok" else r[1] for r, *_ in _auth_transcript(
+            _AUTH_SCENARIOS[name], fast=True)]
+
+    assert outcomes("plain") == ["ok", "ok"]
+    assert outcomes("nested")[-4:] == ["ok", "ok", "ok", "ok"]
+    assert outcomes("wrong key") == [AuthenticationError, NoResponseError]
+    # a failed authentication silences the card until it is selected again
+    assert outcomes("nested wrong key") == ["ok", "ok", AuthenticationError, NoResponseError]
+    assert outcomes("block not on the card") == [NackError, NoResponseError]
+    assert outcomes("silence to AUTH")[1] is NoResponseError
+    assert outcomes("card torn after its nonce")[1] is AuthenticationError
+    assert outcomes("nonce of 18 bits")[1].__name__ == "FrameError"
+    assert outcomes("nonce with a bad parity bit")[1] is ParityError
+    assert outcomes("nested nonce with a bad parity bit")[2] is AuthenticationError
+    assert outcomes("{at} wrong, parity right")[1] is AuthenticationError
+    assert outcomes("nonce as a BitFrame subclass") == ["ok", "ok", "ok"]
+
+
+@pytest.mark.parametrize(
+    "nonce",
+    [
+        lambda: True,  # an int subclass: the Python step takes it
+        lambda: _Int(0x1234ABCD),
+        lambda: -5,  # the low 32 bits, as ``& 0xFFFFFFFF`` takes them
+        lambda: (1 << 70) + 0x89ABCDEF,
+        lambda: 3.5,  # not an int at all: the same TypeError either way
+    ],
+    ids=["bool", "int-subclass", "negative", "huge", "float"],
+)
+@pytest.mark.parametrize("side", ["card", "reader"])
+def test_unusual_nonces_match_python(nonce, side):
+    def make():
+        return nonce
+
+    kwargs = {"nonces": make} if side == "card" else {"reader_nonce": make}
+    steps = [_auth(4), _auth(8), _read(8), _auth(5, KEY_A)]
+    fast = _auth_transcript(steps, fast=True, **kwargs)
+    assert fast == _auth_transcript(steps, fast=False, **kwargs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32),
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["auth", "read", "change"]),
+            _BLOCKS,
+            _AUTH_KEYS,
+            _KEY_TYPES,
+            st.integers(1, 3),
+            _MANGLED | st.tuples(st.integers(0, 80), st.just(-1)),
+        ),
+        max_size=12,
+    ),
+)
+def test_random_authentications_match_python(seed, steps):
+    """Plain and nested authentications with any block, key and key type, with answers
+    replaced or bits flipped on the air."""
+
+    def step(op):
+        kind, block, key, key_type, n, (bits, length) = op
+        if kind == "auth":
+            return _auth(block, key, key_type)
+        if kind == "read":
+            return _read(block)
+        if length < 0:
+            return _change(n, lambda a: _flip(a, bits % a.length) if a else a)
+        return _change(n, lambda a: BitFrame(bits & ((1 << length) - 1), length))
+
+    script = [step(op) for op in steps]
+    rng = random.Random(seed)
+    nonce = rng.getrandbits(64)
+
+    def nonces():
+        r = random.Random(nonce)
+        return lambda: r.getrandbits(32)
+
+    fast = _auth_transcript(script, fast=True, nonces=nonces, reader_nonce=nonces)
+    assert fast == _auth_transcript(script, fast=False, nonces=nonces, reader_nonce=nonces)
+
+
+def test_reference_cipher_and_tracer_keep_the_python_path(monkeypatch):
+    """With the reference cipher or a tracer the C path declines before anything is sent,
+    and the Python path gives the same session."""
+    from firmware.core import _framing
+
+    sent = []
+    for cipher in (Crypto1Ref, Crypto1):
+        card, reader, _ = make_pair(cipher=cipher)
+        if cipher is Crypto1:
+            reader._tracer = lambda entry: sent.append(entry.direction)
+        reader._transceive = lambda frame, card=card: (sent.append(frame), card.handle(frame))[1]
+        assert _framing.classic_reader_authenticate(reader, 4, FFKEY, "A") is False
+        assert sent == []
+        reader.authenticate(4, FFKEY, "A")
+        assert reader.read(4) == bytes(16)
+        sent.clear()
+    for cipher in (Crypto1Ref, Crypto1):
+        steps = [_auth(4), _read(4), _auth(8, FFKEY, "B"), _auth(8, KEY_A)]
+        assert _auth_transcript(steps, fast=True, cipher=cipher) == _auth_transcript(
+            steps, fast=False, cipher=cipher
+        )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (4, FFKEY, "A", "not a reader"),
+        (4, FFKEY, "AB"),
+        (4, FFKEY, "c"),
+        (4, FFKEY, None),
+        (4, FFKEY[:5], "A"),
+        (4, memoryview(FFKEY), "A"),
+        (4, 1 << 48, "A"),
+        (4, -1, "A"),
+        (4, True, "A"),
+        (256, FFKEY, "A"),
+        (-1, FFKEY, "A"),
+        (1 << 70, FFKEY, "A"),
+        (True, FFKEY, "A"),
+        (4.0, FFKEY, "A"),
+    ],
+)
+def test_reader_authenticate_in_c_declines_odd_arguments(args):
+    """Anything but the usual arguments: False, and nothing sent (``authenticate`` then
+    raises or runs as the specification says)."""
+    from firmware.core import _framing
+
+    sent = []
+    card, reader, _ = make_pair()
+    reader._transceive = lambda frame: (sent.append(frame), card.handle(frame))[1]
+    target = reader if len(args) == 3 else args[3]
+    assert _framing.classic_reader_authenticate(target, *args[:3]) is False
+    assert sent == []
+
+
+def test_reader_authenticate_in_c_declines_odd_readers():
+    from firmware.core import _framing
+
+    class SubReader(ClassicReader):
+        pass
+
+    card, reader, _ = make_pair()
+    sub = SubReader(card.handle, UID4)
+    odd_cuid = ClassicReader(card.handle, UID4)
+    odd_cuid._cuid = _Int(odd_cuid._cuid)
+    other_factory = ClassicReader(card.handle, UID4, cipher_factory=lambda key: Crypto1(key))
+    for r in (sub, odd_cuid, other_factory):
+        assert _framing.classic_reader_authenticate(r, 4, FFKEY, "A") is False
+    # and all of them still authenticate, in Python
+    for r in (sub, odd_cuid, other_factory):
+        card.reset()
+        r.authenticate(4, FFKEY, "A")
+        assert r.read(4) == bytes(16)
+
+
+def test_authentication_fast_paths_are_taken(monkeypatch):
+    """On an ordinary plain and nested authentication neither side runs a Python step."""
+    from firmware.core import _framing
+
+    card, reader, _ = make_pair()
+    ran = []
+    for name in ("_auth_nonce", "_auth_reply", "_auth_check"):
+        monkeypatch.setattr(ClassicReader, name, lambda *a, name=name: ran.append(name))
+    for name in ("_command", "_start_auth", "_send_nonce", "_finish_auth"):
+        monkeypatch.setattr(ClassicCard, name, lambda *a, name=name: ran.append(name))
+    reader.authenticate(4, FFKEY, "A")
+    assert card.state is CardState.AUTHENTICATED and card.auth_sector == 1
+    reader.authenticate(9, FFKEY, "B")
+    assert card.auth_sector == 2 and card.auth_key_type is KeyType.B
+    assert reader.sector_block == 9 and reader.cipher.lfsr == card.cipher.lfsr
+    assert ran == []
+    # a plain AUTH outside a session is answered by the card in C, through the tag too
+    card.reset()
+    frame = _framing.encode(_framing.with_crc(bytes([0x61, 12])))
+    answer = _framing.classic_card_frame(card, frame)
+    assert answer.length == 36 and card.state is CardState.AUTH_NONCE_SENT
+    assert card.auth_sector == 3 and card.auth_key_type is KeyType.B and ran == []

@@ -560,6 +560,24 @@ def test_open_intents_survive_power_loss(db_path: Path, keys: MemoryKeyStore) ->
         assert db.journal.open_intents() == []
 
 
+def test_open_intents_of_one_card(db: DeviceDatabase) -> None:
+    """A tap settles its own card's intents: the others are not read (nor verified) then."""
+    big = 2**64 - 1  # a u64 card number above SQLite's signed range
+    a = db.journal.intent(tap(card=11, counter=1))
+    b = db.journal.intent(tap(card=big, counter=4))
+    c = db.journal.intent(tap(card=11, counter=2))
+    assert [r.seq for r in db.journal.open_intents()] == [a, b, c]
+    assert [r.seq for r in db.journal.open_intents(card_number=11)] == [a, c]
+    assert [r.seq for r in db.journal.open_intents(card_number=big)] == [b]
+    assert db.journal.open_intents(card_number=12) == []
+    db.connection.execute("UPDATE journal SET fare = 1 WHERE seq = ?", (b,))
+    assert [r.seq for r in db.journal.open_intents(card_number=11)] == [a, c]
+    with pytest.raises(JournalTampered):
+        db.journal.open_intents(card_number=big)
+    with pytest.raises(InvalidRecord):
+        db.journal.open_intents(card_number=-1)
+
+
 def test_mac_detects_changes_behind_the_api(db: DeviceDatabase, keys: MemoryKeyStore) -> None:
     seqs = [db.journal.intent(tap(counter=i)) for i in range(5)]
     assert db.journal.verify() == []

@@ -316,8 +316,8 @@ class TopupTerminal:
 
     def _settle(self, snap: CardSnapshot, now: int) -> None:
         journal = self.db.journal
-        for intent in journal.open_intents():
-            if intent.kind != KIND_TOPUP or intent.card_number != snap.identity.card_number:
+        for intent in journal.open_intents(card_number=snap.identity.card_number):
+            if intent.kind != KIND_TOPUP:
                 continue
             landed = self._landed(intent, snap)
             if landed is None:

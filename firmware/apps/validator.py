@@ -351,9 +351,7 @@ class Validator:
         """Close this device's intents for this card: done if the card shows the update,
         not-charged if it does not."""
         journal = self.db.journal
-        for intent in journal.open_intents():
-            if intent.card_number != snap.identity.card_number:
-                continue
+        for intent in journal.open_intents(card_number=snap.identity.card_number):
             if intent.kind == KIND_ACTION_APPLIED and intent.product == PRODUCT_PASS:
                 self._settle_pass_intent(intent, snap, now)
                 continue

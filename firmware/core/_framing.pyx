@@ -21,8 +21,9 @@ its ``__init__`` (their values fit by construction), which is most of a frame's 
 tap.
 
 The last sections are the hot paths of :mod:`.mifare` itself, the frames of an open session
-on both sides (a card's READ and WRITE, the reader's READ, command frames and ACKs, the
-{at} of an authentication): each does what the Python method it stands in for does, hands
+on both sides (a card's READ and WRITE, the reader's READ, command frames and ACKs) and the
+whole authentication (the card's nonce for a plain or nested AUTH, its {at}, and the reader's
+side of the exchange): each does what the Python method it stands in for does, hands
 everything else back to that method, and ``tests/test_mifare.py`` runs whole sessions with and
 without them and compares every answer, every state and every byte of card memory.
 """
@@ -737,6 +738,10 @@ cdef object _PICC_ACTIVE = None
 cdef object _HLTA_BITS = None
 cdef object _ST_HALTED = None
 cdef object _ST_ABORTED = None
+cdef object _ST_ACTIVE = None
+cdef object _KT_A = None           # classic_layout.KeyType.A / .B
+cdef object _KT_B = None
+cdef int _CMD_AUTH_A = 0, _CMD_AUTH_B = 0
 cdef object _ST_AUTHENTICATED = None
 cdef object _ST_AUTH_NONCE_SENT = None
 cdef object _ST_WRITE_PENDING = None
@@ -763,6 +768,10 @@ cdef int _bind_card() except -1:
     _VALUE_OPS = m._VALUE_OPS
     _SILENCE = m.SILENCE
     _NACK_CRC, _NACK_INVALID_OP = m.NACK_CRC, m.NACK_INVALID_OP
+    global _ST_ACTIVE, _KT_A, _KT_B, _CMD_AUTH_A, _CMD_AUTH_B
+    _ST_ACTIVE = m.CardState.ACTIVE
+    _KT_A, _KT_B = m.KeyType.A, m.KeyType.B
+    _CMD_AUTH_A, _CMD_AUTH_B = m.AUTH_A, m.AUTH_B
     from firmware.core import anticollision as a
     global _ClassicTag, _PICC_ACTIVE, _HLTA_BITS, _ST_HALTED, _ST_ABORTED
     if a.HLTA_FRAME.length != 36:  # pragma: no cover - ISO 14443-3 fixes it
@@ -854,6 +863,8 @@ cdef object _card_frame(object card, object frame):
     state = card.state
     if state is _ST_AUTH_NONCE_SENT:
         return _card_finish_auth(card, frame)
+    if state is _ST_ACTIVE:
+        return _card_plain_auth(card, frame)
     if (
         state is not _ST_AUTHENTICATED
         and state is not _ST_WRITE_PENDING
@@ -895,6 +906,8 @@ cdef object _card_frame(object card, object frame):
                     answer = _card_write(card, cipher, plain[1])
                 elif plain[0] == _CMD_TRANSFER:
                     answer = _card_transfer(card, cipher, plain[1])
+                elif plain[0] == _CMD_AUTH_A or plain[0] == _CMD_AUTH_B:
+                    answer = _card_start_auth(card, plain[0], plain[1])  # nested
                 elif (
                     plain[0] == _CMD_DECREMENT
                     or plain[0] == _CMD_INCREMENT
@@ -917,6 +930,111 @@ cdef object _card_frame(object card, object frame):
     except CoreError:
         # memory that no longer decodes (a torn value block, broken access bits)
         return card._nack(_NACK_INVALID_OP)
+
+
+cdef object _card_plain_auth(object card, object frame):
+    """``handle`` for a plain AUTH-A/AUTH-B outside a session (state ACTIVE): ``decode``,
+    ``strip_crc`` and ``_command``'s dispatch, then :func:`_card_start_auth`. None, with
+    nothing done, for any other frame (then ``handle`` runs: a bad frame aborts, other
+    commands are refused or halt the card) or a block not on the card."""
+    cdef unsigned char small[SMALL_PACKED]
+    cdef unsigned char *bits = NULL
+    cdef unsigned char data[4]
+    cdef unsigned char par[4]
+    cdef Py_ssize_t n
+    cdef int overflow = 0
+    cdef int i
+    py_length = frame.length
+    if type(py_length) is not int or PyLong_AsLongAndOverflow(py_length, &overflow) != 36:
+        return None
+    if overflow or card.cipher is not None:
+        return None
+    if not _frame_bits(frame, small, sizeof(small), &bits, &n):
+        return None
+    _unpack(bits, 4, data, par)
+    if bits != small:  # pragma: no cover - 4 bytes fit ``small``
+        PyMem_Free(bits)
+    for i in range(4):
+        if par[i] != PARITY[data[i]]:
+            return None
+    if _crc(data, 2) != (data[2] | (<unsigned int>data[3] << 8)):
+        return None
+    if data[0] != _CMD_AUTH_A and data[0] != _CMD_AUTH_B:
+        return None
+    try:
+        return _card_start_auth(card, data[0], data[1])
+    except CoreError:
+        # as handle() answers a CoreError out of _command
+        return card._nack(_NACK_INVALID_OP)
+
+
+cdef object _card_start_auth(object card, int cmd, int block):
+    """``_start_auth`` with the Cython cipher: the key from the sector trailer in memory, the
+    nonce from the card's ``_nonces()``, the new cipher from its ``_new_cipher``, and the
+    nonce frame, plain or (nested) encrypted under the new cipher; every state attribute set
+    as ``_start_auth`` sets it. None, with nothing done, for a block not on the card or a
+    card this does not handle (then ``_command`` answers). A nonce that is not an ``int``
+    goes to ``_send_nonce``, where ``_start_auth`` would have taken it."""
+    cdef unsigned char key[6]
+    cdef unsigned char data[4]
+    cdef unsigned char par[4]
+    cdef const unsigned char *mem
+    cdef int overflow = 0
+    cdef long t
+    cdef uint64_t k = 0, u, nt, ks
+    cdef Crypto1 cipher
+    cdef int i
+    if block >= card._blocks or card._new_cipher is not Crypto1:
+        return None
+    py_cuid = card._cuid
+    if type(py_cuid) is not int or not 0 <= py_cuid <= 0xFFFFFFFF:
+        return None
+    sector = card._sector_of[block]
+    py_t = card._trailer_of[sector]
+    if type(py_t) is not int:
+        return None
+    t = PyLong_AsLongAndOverflow(py_t, &overflow)
+    memory = card.memory
+    if (
+        overflow
+        or t < 0
+        or type(memory) is not bytearray
+        or PyByteArray_GET_SIZE(memory) < 16 * t + 16
+    ):
+        return None
+    # key A is bytes 0..5 of the trailer, key B bytes 10..15
+    mem = <const unsigned char *>PyByteArray_AS_STRING(memory) + 16 * t
+    if cmd != _CMD_AUTH_A:
+        mem += 10
+    for i in range(6):
+        key[i] = mem[i]
+        k = (k << 8) | key[i]
+    key_type = _KT_A if cmd == _CMD_AUTH_A else _KT_B
+    nested = card.cipher is not None
+    nonce = card._nonces()
+    if type(nonce) is not int:
+        return card._send_nonce(
+            key_type, sector, PyBytes_FromStringAndSize(<char *>key, 6), nested, nonce
+        )
+    nt = PyLong_AsUnsignedLongLongMask(nonce) & 0xFFFFFFFF  # ``& 0xFFFFFFFF``, negatives too
+    cipher = <Crypto1?>card._new_cipher(k)
+    u = py_cuid
+    ks = cipher.word(<uint32_t>(u ^ nt), False)
+    if nested:
+        # encrypt_nested_nonce
+        _nonce_bytes(nt, ks, cipher.peek(), data, par)
+        answer = _encode(data, par, 4)
+    else:
+        for i in range(4):
+            data[i] = (nt >> (24 - 8 * i)) & 0xFF
+        answer = _encode(data, NULL, 4)
+    card.cipher = cipher
+    card._nt = nt
+    card.auth_sector = sector
+    card.auth_key_type = key_type
+    card._transfer_buffer = None
+    card.state = _ST_AUTH_NONCE_SENT
+    return answer
 
 
 cdef object _card_finish_auth(object card, object frame):
@@ -1344,3 +1462,181 @@ def classic_reader_ack(reader, answer, what):
         return True
     reader._raise_nack(code, what)
     raise AssertionError("_raise_nack returned")  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------------------
+# MIFARE Classic reader: a whole authentication, without a tracer
+# ---------------------------------------------------------------------------------------------
+
+
+def classic_reader_authenticate(reader, block, key, key_type):
+    """:meth:`ClassicReader.authenticate <firmware.core.mifare.ClassicReader.authenticate>`
+    without a tracer, for the inputs the system passes: a ``ClassicReader`` with the Cython
+    cipher (or none), a block number 0..255, a key of 6 ``bytes`` or a 48-bit ``int``, a key
+    type ``"A"``/``"B"`` (either case) or a ``KeyType``. Returns True when the exchange ran
+    (the session is open; failures raise), False, with nothing sent, for anything else
+    (then ``authenticate`` runs).
+
+    The AUTH command, the card's nonce (plain or nested), {nr}{ar} and the check of {at}
+    run here. An answer that is not the one expected goes to the method that handles it in
+    Python (``_auth_nonce``, ``_auth_check``), with the new cipher as it was when the answer
+    arrived, so every failure is raised by the specification itself, with its message; an
+    unusual reader nonce goes to ``_auth_reply``.
+    """
+    cdef unsigned char cmd[4]
+    cdef unsigned char cpar[4]
+    cdef unsigned char small[SMALL_PACKED]
+    cdef unsigned char *bits = NULL
+    cdef unsigned char enc[8]
+    cdef unsigned char par[8]
+    cdef unsigned char ks8[8]
+    cdef unsigned char data[8]
+    cdef unsigned char want[4]
+    cdef const unsigned char *p
+    cdef Py_ssize_t n
+    cdef int overflow = 0
+    cdef long b
+    cdef unsigned int crc
+    cdef uint64_t k = 0, u, nt = 0, enc_nt, ks
+    cdef uint32_t saved_odd, saved_even, at
+    cdef bint ok
+    cdef Crypto1 cipher
+    cdef int i
+    if _ClassicCard is None:
+        _bind_card()
+    if _BitFrame is None:
+        _bind()
+    if type(reader) is not _ClassicReader or reader._tracer:
+        return False
+    if key_type is _KT_A or (type(key_type) is str and (key_type == "A" or key_type == "a")):
+        cmd[0] = _CMD_AUTH_A
+        name = "A"
+    elif key_type is _KT_B or (type(key_type) is str and (key_type == "B" or key_type == "b")):
+        cmd[0] = _CMD_AUTH_B
+        name = "B"
+    else:
+        return False
+    if type(key) is int:
+        if not 0 <= key <= 0xFFFFFFFFFFFF:
+            return False
+        k = PyLong_AsUnsignedLongLongMask(key)
+    elif _as_buf(key, &p, &n) and n == 6:
+        for i in range(6):
+            k = (k << 8) | p[i]
+    else:
+        return False
+    if type(block) is not int:
+        return False
+    b = PyLong_AsLongAndOverflow(block, &overflow)
+    if overflow or not 0 <= b <= 0xFF:
+        return False
+    py_cuid = reader._cuid
+    if type(py_cuid) is not int or not 0 <= py_cuid <= 0xFFFFFFFF:
+        return False
+    session = reader.cipher
+    if (session is not None and type(session) is not Crypto1) or reader._new_cipher is not Crypto1:
+        return False
+    nested = session is not None
+    u = py_cuid
+
+    # AUTH-A/B: _command (classic_reader_command), encrypted in an open session
+    cmd[1] = <unsigned char>b
+    crc = _crc(cmd, 2)
+    cmd[2] = crc & 0xFF
+    cmd[3] = crc >> 8
+    if nested:
+        (<Crypto1>session).crypt(cmd, cmd, cpar, 4, False, False)
+        frame = _encode(cmd, cpar, 4)
+    else:
+        frame = _encode(cmd, NULL, 4)
+    answer = reader._transceive(frame)
+    cipher = <Crypto1?>reader._new_cipher(k)
+
+    # the card nonce: _auth_nonce for 4 bytes with parity
+    ok = False
+    if type(answer) is _BitFrame and answer.length == 36 and _frame_bits(
+        answer, small, sizeof(small), &bits, &n
+    ):
+        _unpack(bits, 4, enc, par)
+        if bits != small:  # pragma: no cover - 4 bytes fit ``small``
+            PyMem_Free(bits)
+        if nested:
+            # decrypt_nested_nonce; on bad parity the cipher is put back for _auth_nonce
+            saved_odd, saved_even = cipher.odd, cipher.even
+            enc_nt = (
+                (<uint64_t>enc[0] << 24) | (<uint64_t>enc[1] << 16)
+                | (<uint64_t>enc[2] << 8) | enc[3]
+            )
+            ks = cipher.word(<uint32_t>(u ^ enc_nt), True)
+            nt = enc_nt ^ ks
+            _nonce_bytes(nt, ks, cipher.peek(), data, want)
+            ok = True
+            for i in range(4):
+                if want[i] != par[i]:
+                    ok = False
+            if not ok:
+                cipher.odd, cipher.even = saved_odd, saved_even
+        else:
+            # decode: plain odd parity
+            ok = True
+            for i in range(4):
+                if par[i] != PARITY[enc[i]]:
+                    ok = False
+            if ok:
+                nt = (
+                    (<uint64_t>enc[0] << 24) | (<uint64_t>enc[1] << 16)
+                    | (<uint64_t>enc[2] << 8) | enc[3]
+                )
+                cipher.word(<uint32_t>(u ^ nt), False)
+    if ok:
+        py_nt = nt
+    else:
+        # silence, a NACK, a frame of another length, bad parity: raised there
+        py_nt = reader._auth_nonce(answer, cipher, nested, name, block)
+        if type(py_nt) is not int or not 0 <= py_nt <= 0xFFFFFFFF:  # pragma: no cover
+            reader._auth_reply(cipher, py_nt, reader._nonce(), name, block)
+            return True
+        nt = py_nt
+
+    # {nr}{ar}: _auth_reply
+    nonce = reader._nonce()
+    if type(nonce) is not int:
+        reader._auth_reply(cipher, py_nt, nonce, name, block)
+        return True
+    enc_nt = PyLong_AsUnsignedLongLongMask(nonce) & 0xFFFFFFFF  # ``& 0xFFFFFFFF``
+    at = prng_suc(<uint32_t>nt, 64)
+    for i in range(4):
+        data[i] = (enc_nt >> (24 - 8 * i)) & 0xFF
+        data[4 + i] = (at >> (24 - 8 * i)) & 0xFF
+    # encrypt_reader_answer: nr fed into the register, ar after it
+    cipher.crypt(data, enc, par, 4, True, False)
+    cipher.crypt(data + 4, enc + 4, par + 4, 4, False, False)
+    frame = _encode(enc, par, 8)
+    reader.cipher = None
+    answer = reader._transceive(frame)
+
+    # {at}: _auth_check for 4 bytes with parity; anything else (silence, a NACK, a garbled
+    # or a wrong answer) goes there with the cipher as it was
+    if type(answer) is _BitFrame and answer.length == 36 and _frame_bits(
+        answer, small, sizeof(small), &bits, &n
+    ):
+        _unpack(bits, 4, enc, par)
+        if bits != small:  # pragma: no cover - 4 bytes fit ``small``
+            PyMem_Free(bits)
+        saved_odd, saved_even = cipher.odd, cipher.even
+        cipher.crypt(enc, data, ks8, 4, False, True)
+        ok = True
+        for i in range(4):
+            if par[i] ^ ks8[i] != PARITY[data[i]]:
+                ok = False
+        at = (
+            (<uint32_t>data[0] << 24) | (<uint32_t>data[1] << 16)
+            | (<uint32_t>data[2] << 8) | data[3]
+        )
+        if ok and at == prng_suc(<uint32_t>nt, 96):
+            reader.cipher = cipher
+            reader.sector_block = block
+            return True
+        cipher.odd, cipher.even = saved_odd, saved_even
+    reader._auth_check(answer, cipher, py_nt, name, block)
+    return True

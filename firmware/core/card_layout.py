@@ -133,21 +133,20 @@ def decode_mad(blocks: bytes) -> dict[int, int]:
 
 
 class CardMacs:
-    """The three MACs of one card, with per-card keys derived once per tap.
+    """The three MACs of one card, with per-card keys derived once per tap, each on its first
+    use (a card without a pass never needs the pass key).
 
     The key store never hands out the master: it diversifies it for this UID (AN10922), and
     the derived keys live only as long as this object (one tap).
     """
 
-    __slots__ = ("_cmacs", "_keys", "uid")
+    __slots__ = ("_cmacs", "_key_name", "_store", "uid")
 
     def __init__(self, store: KeyStore, uid: bytes, *, key_name: str = PURSE_MAC_KEY_NAME):
         self.uid = bytes(uid)
-        self._keys = {
-            kind: store.diversify(key_name, self.uid, MAC_AID, system)
-            for kind, system in MAC_SYSTEM.items()
-        }
-        # each key's CMAC state, set up on its first MAC (a tap MACs with the purse key twice)
+        self._store = store
+        self._key_name = key_name
+        # each key's CMAC state (a tap MACs with the purse key twice)
         self._cmacs: dict[str, KeyedCmac] = {}
 
     def __repr__(self) -> str:
@@ -156,7 +155,8 @@ class CardMacs:
     def mac(self, kind: str, data: bytes, length: int) -> bytes:
         cmac = self._cmacs.get(kind)
         if cmac is None:
-            cmac = self._cmacs[kind] = KeyedCmac(self._keys[kind])
+            key = self._store.diversify(self._key_name, self.uid, MAC_AID, MAC_SYSTEM[kind])
+            cmac = self._cmacs[kind] = KeyedCmac(key)
         return cmac(self.uid + data)[:length]
 
     def check(self, kind: str, data: bytes, tag: bytes) -> bool:

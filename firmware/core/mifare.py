@@ -31,6 +31,7 @@ from . import classic_layout as layout
 from ._framing import (
     classic_card_frame,
     classic_reader_ack,
+    classic_reader_authenticate,
     classic_reader_command,
     classic_reader_read,
     classic_tag_frame,
@@ -260,6 +261,8 @@ class ClassicReader:
         Raises :class:`AuthenticationError` when the card does not prove knowledge of the
         key (wrong key, wrong key type, or a card that is not what it claims to be).
         """
+        if not self._tracer and classic_reader_authenticate(self, block, key, key_type):
+            return  # the whole exchange in C (it hands the unusual answers to the steps below)
         kt = _KEY_TYPES.get(key_type) if type(key_type) is str else None
         if kt is None:
             kt = parse_key_type(key_type.upper() if isinstance(key_type, str) else key_type)
@@ -268,14 +271,26 @@ class ClassicReader:
         if not 0 <= block <= 0xFF:
             raise CodecError(f"block number {block} out of range 0..255")
         nested = self.cipher is not None
-        tracing = bool(self._tracer)
         answer = self._command(
             bytes((AUTH_A if kt is KeyType.A else AUTH_B, block)),
             f"AUTH-{name} block {block}" + (" (nested, encrypted)" if nested else "")
-            if tracing
+            if self._tracer
             else "",
         )
         cipher = self._new_cipher(k)
+        nt = self._auth_nonce(answer, cipher, nested, name, block)
+        self._auth_reply(cipher, nt, self._nonce(), name, block)
+
+    # The steps of an authentication after the AUTH command went out. They are separate so
+    # that the C path (``classic_reader_authenticate``) can hand any answer it does not expect
+    # to them, with the cipher as it was when the answer arrived: every failure is then
+    # raised here, by the specification itself.
+
+    def _auth_nonce(
+        self, answer: BitFrame, cipher: Cipher, nested: bool, name: str, block: int
+    ) -> int:
+        """The card nonce ``nt`` from the card's answer to AUTH-``name``, with ``cuid ^ nt``
+        fed into the new ``cipher`` (decrypted into it for a ``nested`` authentication)."""
         if not answer:
             self.cipher = None
             raise NoResponseError(f"card did not answer AUTH-{name} for block {block}")
@@ -293,18 +308,26 @@ class ClassicReader:
                     f"encrypted card nonce has bad parity during nested AUTH-{name} for "
                     f"block {block}: the card does not hold this key"
                 )
-            if tracing:
+            if self._tracer:
                 self._note_answer(answer, nt.to_bytes(4, "big"), "{nt} card nonce (encrypted)")
         else:
             nt = int.from_bytes(decode(answer), "big")
-            if tracing:
+            if self._tracer:
                 self._note_answer(answer, nt.to_bytes(4, "big"), "nt card nonce (plain)")
             cipher.word(self._cuid ^ nt, False)
-        nr = (self._nonce() & 0xFFFFFFFF).to_bytes(4, "big")
+        return nt
+
+    def _auth_reply(self, cipher: Cipher, nt: int, nonce: int, name: str, block: int) -> None:
+        """Send {nr}{ar} (``nr`` from the reader's ``nonce``) and check the card's {at}."""
+        nr = (nonce & 0xFFFFFFFF).to_bytes(4, "big")
         ar = prng_successor(nt, 64).to_bytes(4, "big")
         frame = encrypt_reader_answer(cipher, nr, ar)
         self.cipher = None
         answer = self._send(frame, nr + ar, "{nr}{ar}: reader nonce and answer suc64(nt)")
+        self._auth_check(answer, cipher, nt, name, block)
+
+    def _auth_check(self, answer: BitFrame, cipher: Cipher, nt: int, name: str, block: int) -> None:
+        """The card's answer {at} to {nr}{ar}: the session opens if it is suc96(nt)."""
         if not answer:
             raise AuthenticationError(
                 f"card did not accept the reader's answer (AUTH-{name}, block {block}): "
@@ -319,7 +342,7 @@ class ClassicReader:
             at = int.from_bytes(decrypt_frame(cipher, answer), "big")
         except CoreError as exc:
             raise AuthenticationError(f"card's answer {{at}} is garbled: {exc}") from exc
-        if tracing:
+        if self._tracer:
             self._note_answer(answer, at.to_bytes(4, "big"), "{at}: card answer suc96(nt)")
         if at != prng_successor(nt, 96):
             raise AuthenticationError(
@@ -760,7 +783,14 @@ class ClassicCard:
         trailer = self._trailer(sector)
         key = trailer[0:6] if key_type is KeyType.A else trailer[10:16]
         nested = self.cipher is not None
-        nt = self._nonces() & 0xFFFFFFFF
+        return self._send_nonce(key_type, sector, key, nested, self._nonces())
+
+    def _send_nonce(
+        self, key_type: KeyType, sector: int, key: bytes, nested: bool, nonce: int
+    ) -> BitFrame:
+        """The rest of :meth:`_start_auth` once the nonce generator ran: the new session
+        cipher and the nonce frame. (The C path hands an unusual ``nonce`` over here.)"""
+        nt = nonce & 0xFFFFFFFF
         cipher = self._new_cipher(int.from_bytes(key, "big"))
         if nested:
             answer = encrypt_nested_nonce(cipher, self._cuid, nt)

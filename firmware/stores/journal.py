@@ -610,16 +610,24 @@ class Journal:
             columns["card_number"] = [None if c is None else from_sql_u64(c) for c in cards]
         return columns
 
-    def open_intents(self, *, verify: bool = True) -> list[JournalRecord]:
-        """Intents without a done record, oldest first: the taps in doubt after a power cut.
+    def open_intents(
+        self, *, card_number: int | None = None, verify: bool = True
+    ) -> list[JournalRecord]:
+        """Intents without a done record, oldest first: the taps in doubt after a power cut;
+        with ``card_number``, that card's only (what a tap settles: the ones the center must
+        settle stay open, and are not read and verified again at every tap).
 
         Each is resolved from the card's own counter and trip log on its next tap, then
         closed with :meth:`done`. MACs are verified: the resolution trusts these contents.
         """
-        rows = self._conn.execute(
-            f"{_SELECT} WHERE seq IN (SELECT seq FROM open_intent) ORDER BY seq",
-            what="journal open intents",
-        ).fetchall()
+        if card_number is None:
+            sql, params = f"{_SELECT} WHERE seq IN (SELECT seq FROM open_intent) ORDER BY seq", ()
+        else:
+            check_u64(card_number, "card_number")
+            sql = (f"{_SELECT} WHERE seq IN (SELECT seq FROM open_intent) AND card_number = ? "
+                   "ORDER BY seq")
+            params = (to_sql_u64(card_number),)
+        rows = self._conn.execute(sql, params, what="journal open intents").fetchall()
         return self._checked([self._row_to_record(r) for r in rows], verify)
 
     def tally(self, name: str) -> int:
