@@ -298,6 +298,14 @@ def test_split_and_decode_of_frames_built_around_the_constructor():
         (3, 1 << 70),
         (-5, 4),
         (1 << 9, 8),
+        # around the one-word path of frames up to 7 bytes: bits past the length but within
+        # its bytes, past its bytes, past 64 bits
+        (1 << 39, 36),
+        (1 << 40, 36),
+        (1 << 70, 36),
+        ((1 << 64) - 1, 63),
+        (1 << 64, 63),
+        ((1 << 72) - 1, 72),
     ]
     for bits, length in forced:
         frame = BitFrame(0, 0)
@@ -600,3 +608,38 @@ def test_authentication_helper_error_messages():
         "raised",
         ParityError,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The card's nonce generator by jump tables (prng_jump) against prng_successor
+# ---------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=500)
+@given(x=st.integers(0, 0xFFFFFFFF), n=st.integers(0, 9000) | st.sampled_from([0, 1, 64, 96]))
+def test_prng_jump_is_prng_successor(x, n):
+    jumped = outcome(_framing.prng_jump, x, n)
+    assert jumped == outcome(crypto1.prng_successor, x, n)
+    assert jumped == outcome(crypto1.prng_successor_ref, x, n)
+
+
+@pytest.mark.parametrize(
+    ("x", "n"),
+    [
+        (5, -1),
+        (5, 8192),
+        (5, 1 << 70),
+        (-1, 5),
+        (1 << 32, 5),
+        (True, 5),
+        (IntSub(5), 5),
+        (5, IntSub(5)),
+        (5, True),
+        (1.5, 5),
+        (5, 2.0),
+        ("5", 5),
+    ],
+    ids=repr,
+)
+def test_prng_jump_hands_odd_arguments_to_prng_successor(x, n):
+    assert outcome(_framing.prng_jump, x, n) == outcome(crypto1.prng_successor, x, n)

@@ -95,6 +95,7 @@ cdef extern from *:
     int afc_long_to_le(object v, unsigned char *buf, size_t n) except -1
     long PyLong_AsLongAndOverflow(object v, int *overflow) except? -1
     unsigned long long PyLong_AsUnsignedLongLongMask(object v) except? <unsigned long long>-1
+    object PyLong_FromUnsignedLongLong(unsigned long long v)
 
 cdef enum:
     # frames up to this many data bytes are handled in stack buffers, longer ones on the heap
@@ -228,6 +229,13 @@ cdef inline void _unpack(const unsigned char *bits, Py_ssize_t n, unsigned char 
 
 
 cdef object _make_frame(const unsigned char *buf, Py_ssize_t nbytes, Py_ssize_t length):
+    cdef uint64_t v = 0
+    cdef Py_ssize_t i
+    if nbytes <= 8:
+        # a frame of up to 7 bytes with parity (commands, nonces, {at}): one machine word
+        for i in range(nbytes):
+            v |= (<uint64_t>buf[i]) << (8 * i)
+        return _frame(PyLong_FromUnsignedLongLong(v), length)
     return _frame(afc_long_from_le(buf, <size_t>nbytes), length)
 
 
@@ -258,8 +266,9 @@ cdef int _frame_bits(object frame, unsigned char *small, Py_ssize_t smallsize,
     """
     cdef int overflow = 0
     cdef long length
-    cdef Py_ssize_t n, nbytes
+    cdef Py_ssize_t n, nbytes, i
     cdef unsigned char *buf
+    cdef uint64_t v
     if type(frame) is not _BitFrame:
         return 0
     py_length = frame.length
@@ -285,12 +294,26 @@ cdef int _frame_bits(object frame, unsigned char *small, Py_ssize_t smallsize,
             if buf != small:
                 PyMem_Free(buf)
             return 0
-        try:
-            afc_long_to_le(py_bits, buf, <size_t>nbytes)
-        except OverflowError:
-            if buf != small:
-                PyMem_Free(buf)
-            return 0
+        if nbytes <= 8:
+            # up to 7 bytes with parity: one machine word, no byte-array conversion
+            try:
+                v = py_bits  # Cython's conversion reads the int's digits in place
+            except OverflowError:
+                v = 0
+                overflow = 1
+            if overflow or (nbytes < 8 and v >> (8 * nbytes)):
+                if buf != small:  # pragma: no cover - every caller's ``small`` holds 8
+                    PyMem_Free(buf)
+                return 0
+            for i in range(nbytes):
+                buf[i] = (v >> (8 * i)) & 0xFF
+        else:
+            try:
+                afc_long_to_le(py_bits, buf, <size_t>nbytes)
+            except OverflowError:
+                if buf != small:
+                    PyMem_Free(buf)
+                return 0
     bits[0] = buf
     n_out[0] = n
     return 1
@@ -788,24 +811,27 @@ cdef int _bind_card() except -1:
 
 def classic_card_frame(card, frame):
     """What :meth:`ClassicCard.handle <firmware.core.mifare.ClassicCard.handle>` answers to a
-    standard frame in an open session, or None (then nothing happened) when the frame or the
-    card is not one this handles: another state, another cipher, another card class.
+    standard frame in an open session or to a plain AUTH outside one, or None (then nothing
+    happened) when the frame or the card is not one this handles: another state, another
+    cipher, another card class.
 
     The session's frames are the bulk of a tap, and most of them are READs: the frame is
     decrypted and its parity and CRC_A checked here in one pass, a READ of a permitted data
-    block and a permitted WRITE command are answered here, and everything else goes to the
-    card's own methods (``_abort``, ``_nack``, ``_command``, ``_write_data``,
-    ``_value_operand``, ``_permits``) with the decrypted payload, exactly where
-    ``handle`` would have sent it. ``tests/test_mifare.py`` runs cards with and without this
-    path side by side.
+    block, a permitted WRITE command and an AUTH (nested: the nonce encrypted) are answered
+    here, and everything else goes to the card's own methods (``_abort``, ``_nack``,
+    ``_command``, ``_write_data``, ``_value_operand``, ``_permits``, ``_send_nonce``) with
+    the decrypted payload, exactly where ``handle`` would have sent it. The reader's
+    {nr}{ar} is answered here too, and in the ACTIVE state (no session) a plain AUTH-A/AUTH-B
+    with good parity and CRC_A; any other frame there is left to ``handle``.
+    ``tests/test_mifare.py`` runs cards with and without this path side by side.
     """
     return _card_frame(card, frame)
 
 
 def classic_tag_frame(tag, frame):
     """What :meth:`ClassicTag.handle <firmware.core.mifare.ClassicTag.handle>` answers to a
-    frame in an open session (:func:`classic_card_frame` behind a selected activation layer),
-    or None (then nothing happened).
+    frame in an open session or a plain AUTH (:func:`classic_card_frame` behind a selected
+    activation layer), or None (then nothing happened).
 
     A frame the activation layer could claim in ACTIVE (7 bits, an exact HLTA, a SELECT's 81
     bits) is left to ``handle``; after the card's answer, a card that halted or aborted takes
@@ -1074,9 +1100,9 @@ cdef object _card_finish_auth(object card, object frame):
             return card._abort()
     ar = ((<uint32_t>plain[4] << 24) | (<uint32_t>plain[5] << 16)
           | (<uint32_t>plain[6] << 8) | plain[7])
-    if ar != prng_suc(nt, 64):
+    if ar != _suc(nt, 64):
         return card._abort()
-    suc = prng_suc(nt, 96)
+    suc = _suc(nt, 96)
     card.state = _ST_AUTHENTICATED
     for i in range(4):
         at[i] = (suc >> (24 - 8 * i)) & 0xFF
@@ -1472,8 +1498,8 @@ def classic_reader_ack(reader, answer, what):
 def classic_reader_authenticate(reader, block, key, key_type):
     """:meth:`ClassicReader.authenticate <firmware.core.mifare.ClassicReader.authenticate>`
     without a tracer, for the inputs the system passes: a ``ClassicReader`` with the Cython
-    cipher (or none), a block number 0..255, a key of 6 ``bytes`` or a 48-bit ``int``, a key
-    type ``"A"``/``"B"`` (either case) or a ``KeyType``. Returns True when the exchange ran
+    cipher (or none), a block number 0..255, a key of 6 ``bytes``/``bytearray`` or a 48-bit
+    ``int``, a key type ``"A"``/``"B"`` (either case) or a ``KeyType``. Returns True when the exchange ran
     (the session is open; failures raise), False, with nothing sent, for anything else
     (then ``authenticate`` runs).
 
@@ -1604,7 +1630,7 @@ def classic_reader_authenticate(reader, block, key, key_type):
         reader._auth_reply(cipher, py_nt, nonce, name, block)
         return True
     enc_nt = PyLong_AsUnsignedLongLongMask(nonce) & 0xFFFFFFFF  # ``& 0xFFFFFFFF``
-    at = prng_suc(<uint32_t>nt, 64)
+    at = _suc(<uint32_t>nt, 64)
     for i in range(4):
         data[i] = (enc_nt >> (24 - 8 * i)) & 0xFF
         data[4 + i] = (at >> (24 - 8 * i)) & 0xFF
@@ -1633,10 +1659,75 @@ def classic_reader_authenticate(reader, block, key, key_type):
             (<uint32_t>data[0] << 24) | (<uint32_t>data[1] << 16)
             | (<uint32_t>data[2] << 8) | data[3]
         )
-        if ok and at == prng_suc(<uint32_t>nt, 96):
+        if ok and at == _suc(<uint32_t>nt, 96):
             reader.cipher = cipher
             reader.sector_block = block
             return True
         cipher.odd, cipher.even = saved_odd, saved_even
     reader._auth_check(answer, cipher, py_nt, name, block)
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The card's nonce generator: suc^n by jump tables
+# ---------------------------------------------------------------------------------------------
+
+cdef enum:
+    # tables for suc^(2^k), k < JUMP_BITS: jumps of up to 2^13 - 1 steps, what a virtual card's
+    # free-running generator (:class:`~.mifare.TagNonces`) makes between two nonces
+    JUMP_BITS = 13
+
+cdef uint32_t JUMP[JUMP_BITS][4][256]
+cdef bint _jump_ready = False
+
+
+cdef void _jump_init() noexcept nogil:
+    """suc is linear over GF(2) on the 32-bit word (shifts and XORs, no constant), so
+    suc^(2^k) of a word is the XOR of its images of the word's set bits: per byte of the word
+    a table of the 256 XORs of those images."""
+    global _jump_ready
+    cdef uint32_t col[32]
+    cdef uint32_t v
+    cdef int k, j, b, i
+    for k in range(JUMP_BITS):
+        for i in range(32):
+            col[i] = prng_suc(<uint32_t>1 << i, 1 << k)
+        for j in range(4):
+            for b in range(256):
+                v = 0
+                for i in range(8):
+                    if (b >> i) & 1:
+                        v ^= col[8 * j + i]
+                JUMP[k][j][b] = v
+    _jump_ready = True
+
+
+cdef inline uint32_t _suc(uint32_t x, unsigned int n) noexcept:
+    """``prng_suc(x, n)`` for ``n < 2^13`` (suc^64 and suc^96 of the authentication: one and
+    two table lookups of 4 bytes)."""
+    cdef int k
+    if not _jump_ready:
+        _jump_init()
+    for k in range(JUMP_BITS):
+        if (n >> k) & 1:
+            x = (JUMP[k][0][x & 0xFF] ^ JUMP[k][1][(x >> 8) & 0xFF]
+                 ^ JUMP[k][2][(x >> 16) & 0xFF] ^ JUMP[k][3][x >> 24])
+    return x
+
+
+def prng_jump(x, n):
+    """``prng_successor(x, n)``, the card's nonce generator advanced ``n`` steps, with at most
+    13 table lookups of 4 bytes for an ``int`` ``0 <= n < 8192`` instead of ``n`` steps of
+    the register (a virtual card's nonces are 17..4111 steps apart: some 3,000 instructions a
+    nonce stepped, about 100 looked up). Any other argument goes to ``prng_successor``,
+    which says what it means."""
+    cdef uint32_t v
+    cdef long steps
+    cdef int overflow = 0
+    if type(x) is not int or type(n) is not int or not 0 <= x <= 0xFFFFFFFF:
+        return _crypto1_refs().prng_successor(x, n)
+    steps = PyLong_AsLongAndOverflow(n, &overflow)
+    if overflow or not 0 <= steps < (1 << JUMP_BITS):
+        return _crypto1_refs().prng_successor(x, n)
+    v = x
+    return _suc(v, <unsigned int>steps)

@@ -35,6 +35,7 @@ from ._framing import (
     classic_reader_command,
     classic_reader_read,
     classic_tag_frame,
+    prng_jump,
 )
 from .anticollision import CardSelector, PiccState, masked_uid, select_card
 from .classic_layout import KeyType, parse_key_type
@@ -476,9 +477,21 @@ class TagNonces:
         seed = self._rng.getrandbits(16) or 1
         # a valid 32-bit nonce is 32 consecutive bits of the 16-bit LFSR sequence
         self._x = prng_successor((seed << 16) | seed, 16)
+        # randrange(1, 4096) of a random.Random is 1 + the first getrandbits(12) below 4095
+        # (its _randbelow): drawn here directly, one call instead of three Python functions
+        # (tests/test_mifare.py checks the sequence against randrange's)
+        self._bits = self._rng.getrandbits if type(self._rng) is random.Random else None
 
     def __call__(self) -> int:
-        self._x = prng_successor(self._x, 16 + self._rng.randrange(1, 4096))
+        bits = self._bits
+        if bits is None:
+            step = self._rng.randrange(1, 4096)
+        else:
+            step = bits(12)
+            while step >= 4095:
+                step = bits(12)
+            step += 1
+        self._x = prng_jump(self._x, 16 + step)  # prng_successor, by jump tables
         return self._x
 
 
@@ -663,8 +676,9 @@ class ClassicCard:
 
     def handle(self, frame: BitFrame) -> BitFrame:
         """Consume one reader frame and return the card's answer (``SILENCE`` for none)."""
-        # A frame in an open session: decrypted and answered in C when it is a READ or a
-        # WRITE, else handed to the methods below as the code after this line would
+        # A frame in an open session: decrypted and answered in C when it is a READ, a
+        # WRITE, an AUTH or the reader's {nr}{ar}, else handed to the methods below as the
+        # code after this line would; outside a session a plain AUTH is answered in C too
         answer = classic_card_frame(self, frame)
         if answer is not None:
             return answer
@@ -865,7 +879,8 @@ class ClassicTag:
 
     def handle(self, frame: BitFrame) -> BitFrame:
         """Consume one reader frame; return the answer (``SILENCE`` for none)."""
-        # a frame in an open session, answered in C (see ClassicCard.handle), or None
+        # a frame in an open session or a plain AUTH, answered in C (see
+        # ClassicCard.handle), or None
         answer = classic_tag_frame(self, frame)
         if answer is not None:
             return answer

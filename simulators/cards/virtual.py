@@ -297,7 +297,7 @@ class VirtualCard:
                 # lost answer, no flipped bit, no random draw, no delay), so skip them.
                 counters = self.counters
                 counters.frames += 1
-                # the tag's C path for a frame in an open session, else the tag itself
+                # the tag's C path (a frame in an open session, a plain AUTH), else the tag itself
                 answer = classic_tag_frame(self._tag, frame)
                 if answer is None:
                     answer = self._tag.handle(frame)
