@@ -93,7 +93,7 @@ def bench_blacklist(
         present = [e[0] for e in listed]
         delta_times = []
         for _ in range(3):
-            gone = rng.sample(present, delta // 2)
+            gone = rng.sample(present, min(delta // 2, len(present)))
             new = [(rng.randrange(_CARD_LO, _CARD_HI), 5, None) for _ in range(delta - len(gone))]
             start = time.perf_counter()
             bl.apply_delta(version, version + 1, add=new, remove=gone)
@@ -103,7 +103,7 @@ def bench_blacklist(
             present = [n for n in present if n not in gone_set] + [e[0] for e in new]
         figures["blacklist_delta_10k_s"] = min(delta_times)
 
-        probes = rng.sample(present, lookups // 2)
+        probes = rng.sample(present, min(lookups // 2, len(present)))
         probes += [rng.randrange(_CARD_LO, _CARD_HI) for _ in range(lookups - len(probes))]
         rng.shuffle(probes)
         lookup = bl.lookup
