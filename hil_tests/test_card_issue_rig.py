@@ -18,7 +18,7 @@ from datetime import date, timedelta
 
 from firmware.core import classic_layout as layout
 from firmware.core.anticollision import Field, select_card
-from firmware.core.card_layout import CardMacs
+from firmware.core.card_layout import MAC_AID, MAC_SYSTEM
 from firmware.core.fares import CardType
 from firmware.core.keys import FileKeyStore
 from firmware.core.mifare import ClassicReader
@@ -51,7 +51,8 @@ def key_material(keys_path, keys, uids) -> list[str]:
                if line[:1].isdigit()]
     for uid in uids:
         secrets += [keys.classic_key(uid, s, kt).hex() for s in range(4) for kt in "AB"]
-        secrets += [k.hex() for k in CardMacs(keys, uid)._keys.values()]
+        secrets += [keys.diversify("purse-mac", uid, MAC_AID, system).hex()
+                    for system in MAC_SYSTEM.values()]
     return [s.upper() for s in secrets]
 
 
