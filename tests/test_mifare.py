@@ -501,8 +501,8 @@ def _cipher_key(cipher) -> tuple | None:
     return None if cipher is None else (type(cipher), cipher.lfsr)
 
 
-def _protocol_state(card: ClassicCard, reader: ClassicReader) -> tuple:
-    """Every attribute an authentication sets, on both sides, with its type."""
+def _card_state(card: ClassicCard) -> tuple:
+    """Every attribute of the card's protocol state a frame can set, with the nonce's type."""
     return (
         card.state,
         _cipher_key(card.cipher),
@@ -513,9 +513,12 @@ def _protocol_state(card: ClassicCard, reader: ClassicReader) -> tuple:
         card._transfer_buffer,
         card._pending_block,
         card._pending_op,
-        _cipher_key(reader.cipher),
-        reader.sector_block,
     )
+
+
+def _protocol_state(card: ClassicCard, reader: ClassicReader) -> tuple:
+    """Every attribute an authentication sets, on both sides, with its type."""
+    return (*_card_state(card), _cipher_key(reader.cipher), reader.sector_block)
 
 
 @settings(max_examples=150, deadline=None)
@@ -940,17 +943,7 @@ def test_card_plain_auth_in_c_matches_python(setup, through):
                     answer = ("ok", _frame_key(target.handle(frame)))
                 except Exception as exc:
                     answer = ("raised", type(exc), str(exc))
-                card = tag.card
-                state = (
-                    card.state,
-                    _cipher_key(card.cipher),
-                    card._nt,
-                    type(card._nt),
-                    card.auth_sector,
-                    card.auth_key_type,
-                    card._transfer_buffer,
-                    tag.selector.state,
-                )
+                state = (*_card_state(tag.card), tag.selector.state)
                 out.append((name, answer, state))
         finally:
             mifare.classic_card_frame, mifare.classic_tag_frame = saved

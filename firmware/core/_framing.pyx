@@ -1499,9 +1499,9 @@ def classic_reader_authenticate(reader, block, key, key_type):
     """:meth:`ClassicReader.authenticate <firmware.core.mifare.ClassicReader.authenticate>`
     without a tracer, for the inputs the system passes: a ``ClassicReader`` with the Cython
     cipher (or none), a block number 0..255, a key of 6 ``bytes``/``bytearray`` or a 48-bit
-    ``int``, a key type ``"A"``/``"B"`` (either case) or a ``KeyType``. Returns True when the exchange ran
-    (the session is open; failures raise), False, with nothing sent, for anything else
-    (then ``authenticate`` runs).
+    ``int``, a key type ``"A"``/``"B"`` (either case) or a ``KeyType``. Returns True when the
+    exchange ran (the session is open; failures raise), False, with nothing sent, for
+    anything else (then ``authenticate`` runs).
 
     The AUTH command, the card's nonce (plain or nested), {nr}{ar} and the check of {at}
     run here. An answer that is not the one expected goes to the method that handles it in
